@@ -1,0 +1,378 @@
+"""Streaming video clips from webdataset shards (video2dataset layout: KEY.mp4, KEY.json, KEY.txt).
+
+Every random choice is seeded from the run seed and the epoch, so a run's data order and augmentation
+are reproducible:
+  - shard order: permuted from (seed, epoch) before the rank/worker split, the same on every rank;
+  - sample order: a shuffle buffer seeded from (seed, epoch, rank, worker);
+  - clip start and crop: seeded from (seed, epoch, shard file name, sample key), so a sample gets the
+    same clip whichever rank or worker reads it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from itertools import count
+from random import Random
+from typing import Any, BinaryIO
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from data.transforms import video_to_clip_tensor
+from data.video import VideoDecodeError, VideoTooShortError, decode_clip
+
+logger = logging.getLogger("data")
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+
+
+class SkipCounter:
+    """Counts samples (and shards) skipped by one process, by reason; `.counts` is a plain dict."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def skip(self, reason: str, where: str, detail: object) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        logger.warning("skipping %s (%s): %s", where, reason, detail)
+
+
+class SkippedSamples:
+    """Total of skipped samples over all DataLoader workers of this rank, read from batches.
+
+    Each batch carries the running count of the worker that made it (`skipped`, `worker`); the total
+    is the sum of each worker's latest count.
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[int, int] = {}
+
+    def update(self, batch: dict[str, Any]) -> int:
+        self.latest[batch["worker"]] = batch["skipped"]
+        return self.total
+
+    @property
+    def total(self) -> int:
+        return sum(self.latest.values())
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Brace pattern, glob, or list of either -> list of shard paths; ValueError if none or some are missing."""
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    paths: list[str] = []
+    for pattern in patterns:
+        for item in braceexpand.braceexpand(str(pattern)):
+            if "://" in item:
+                raise ValueError(f"remote shard URLs are not supported yet (local paths only): {item}")
+            paths.extend(sorted(glob.glob(item)) if glob.has_magic(item) else [item])
+    if not paths:
+        raise ValueError(f"no shards found for {shards!r}")
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{len(missing)} of {len(paths)} shards in {shards!r} do not exist: {shown}")
+    return paths
+
+
+def distributed_rank_and_world_size(
+    rank: int | None = None, world_size: int | None = None
+) -> tuple[int, int]:
+    """Explicit values, else torch.distributed when initialised, else RANK/WORLD_SIZE from the environment."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("give both rank and world_size, or neither")
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+class VideoShardDataset(IterableDataset):
+    """Clips from video shards; see `build_video_dataset`."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        num_frames: int,
+        resolution: int,
+        frame_stride: int,
+        train: bool,
+        seed: int,
+        shuffle_buffer: int,
+        epoch_offset: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        super().__init__()
+        self.shards = shards
+        self.num_frames = num_frames
+        self.resolution = resolution
+        self.frame_stride = frame_stride
+        self.train = train
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch_offset = epoch_offset
+        self.rank = rank
+        self.world_size = world_size
+        # Counts of this process only: with DataLoader workers, read the `skipped` field of batches.
+        self.skip_counter = SkipCounter()
+
+    def check_split(self, num_workers: int) -> None:
+        """Raise ValueError if some rank or worker would get no shard."""
+        readers = self.world_size * max(num_workers, 1)
+        if len(self.shards) < readers:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {max(num_workers, 1)} "
+                f"workers: need at least {readers} shards (one per rank and worker); write smaller "
+                "shards or use fewer workers"
+            )
+
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        """This rank's and worker's shards in `epoch` (the permutation is shared by all ranks)."""
+        order = list(self.shards)
+        if self.train:
+            Random(f"shards/{self.seed}/{epoch}").shuffle(order)
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self.check_split(num_workers)
+        epochs = count(self.epoch_offset) if self.train else [self.epoch_offset]
+        for epoch in epochs:
+            produced = 0
+            for sample in self._epoch(epoch, worker, num_workers):
+                produced += 1
+                yield sample
+            if self.train and produced == 0:
+                # Otherwise an infinite stream over only bad samples would spin forever.
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: no usable clip in an epoch over "
+                    f"{self.shards_for(epoch, worker, num_workers)}; skipped {self.skip_counter.counts}"
+                )
+
+    def _epoch(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        urls = self.shards_for(epoch, worker, num_workers)
+        samples = (sample for url in urls for sample in self._read_shard(url))
+        if self.train and self.shuffle_buffer > 1:
+            rng = Random(f"samples/{self.seed}/{epoch}/{self.rank}/{worker}")
+            samples = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                samples
+            )
+        for sample in samples:
+            video = self._clip(sample, epoch)
+            if video is not None:
+                yield {
+                    "video": video,
+                    "key": sample["__key__"],
+                    "skipped": self.skip_counter.total,
+                    "worker": worker,
+                }
+
+    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        """Raw samples (bytes by extension) of one tar; a truncated or corrupt tar ends early, counted."""
+        try:
+            stream = _TailTrackingReader(open(url, "rb"))  # noqa: SIM115 (closed below)
+        except OSError as exn:
+            self.skip_counter.skip("unreadable_shard", url, exn)
+            return
+        read_errors: list[Exception] = []
+
+        def stop_reading(exn: Exception) -> bool:
+            # Returning False ends the shard like a normal end, so the samples already complete still arrive.
+            read_errors.append(exn)
+            return False
+
+        def skip_entry(exn: Exception) -> bool:  # e.g. a duplicated file name: skip it, keep reading
+            self.skip_counter.skip("bad_tar_entry", url, exn.args[0] if exn.args else repr(exn))
+            return True
+
+        with stream:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_reading)
+            yield from group_by_keys(files, handler=skip_entry)
+        if read_errors:
+            exn = read_errors[0]
+            self.skip_counter.skip("truncated_tar", url, exn.args[0] if exn.args else repr(exn))
+        elif url.endswith(".tar") and stream.ended_without_archive_end():
+            # tarfile ends quietly when the data stops at (or inside) a header block.
+            self.skip_counter.skip(
+                "truncated_tar", url, "the data ends without the tar end-of-archive blocks"
+            )
+
+    def _clip(self, sample: dict[str, Any], epoch: int) -> torch.Tensor | None:
+        """(C, T, H, W) clip of one raw sample, or None (counted) when the sample is unusable."""
+        where = f"{sample['__key__']} in {sample['__url__']}"
+        video_ext = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
+        if video_ext is None:
+            self.skip_counter.skip("missing_video", where, f"no video entry, only {_entries(sample)}")
+            return None
+        frame_count = None
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+                self.skip_counter.skip("bad_json", where, exn)
+                return None
+            frame_count = _frame_count(meta)
+        rng = Random(f"clip/{self.seed}/{epoch}/{os.path.basename(sample['__url__'])}/{sample['__key__']}")
+        try:
+            frames = decode_clip(
+                sample[video_ext],
+                self.num_frames,
+                self.frame_stride,
+                start=None if self.train else 0,
+                rng=rng,
+                frame_count=frame_count,
+            )
+        except VideoTooShortError as exn:
+            self.skip_counter.skip("video_too_short", where, exn)
+            return None
+        except VideoDecodeError as exn:
+            self.skip_counter.skip("corrupt_video", where, exn)
+            return None
+        return video_to_clip_tensor(frames, self.resolution, train=self.train, rng=rng)
+
+
+def build_video_dataset(
+    shards: str | list[str],
+    *,
+    num_frames: int,
+    resolution: int,
+    frame_stride: int = 1,
+    train: bool = True,
+    seed: int = 0,
+    shuffle_buffer: int = 64,
+    epoch_offset: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> VideoShardDataset:
+    """Dataset of `{"video": float32 (C, T, H, W) in [-1, 1], "key": str, "skipped": int, "worker": int}`.
+
+    `train=True`: endless; each epoch permutes the shards and shuffles samples; random clip start and crop.
+    `train=False`: one pass in shard order; clips from the first frame, centre crop.
+    Shards are split by rank, then by DataLoader worker; the rank comes from `rank`/`world_size` when
+    given, else torch.distributed when initialised, else the RANK/WORLD_SIZE environment variables.
+    `skipped` is the running count of unusable samples of the process (worker) that made the sample.
+    """
+    if num_frames < 1 or frame_stride < 1 or resolution < 1:
+        raise ValueError(
+            f"num_frames ({num_frames}), frame_stride ({frame_stride}) and resolution ({resolution}) must be >= 1"
+        )
+    if shuffle_buffer < 0 or epoch_offset < 0:
+        raise ValueError(f"shuffle_buffer ({shuffle_buffer}) and epoch_offset ({epoch_offset}) must be >= 0")
+    rank, world_size = distributed_rank_and_world_size(rank, world_size)
+    dataset = VideoShardDataset(
+        expand_shards(shards),
+        num_frames=num_frames,
+        resolution=resolution,
+        frame_stride=frame_stride,
+        train=train,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        epoch_offset=epoch_offset,
+        rank=rank,
+        world_size=world_size,
+    )
+    dataset.check_split(num_workers=1)
+    return dataset
+
+
+def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> `{"video": (B, C, T, H, W), "key": [str], "skipped": int, "worker": int}`."""
+    return {
+        "video": torch.stack([sample["video"] for sample in samples]),
+        "key": [sample["key"] for sample in samples],
+        # A batch comes from one worker, so the largest count is that worker's latest.
+        "skipped": max(sample["skipped"] for sample in samples),
+        "worker": samples[0]["worker"],
+    }
+
+
+def build_dataloader(
+    dataset: IterableDataset,
+    batch_size: int,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """DataLoader of `collate_clips` batches; workers persist across epochs (and eval passes)."""
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1 and num_workers ({num_workers}) >= 0")
+    if isinstance(dataset, VideoShardDataset):
+        dataset.check_split(num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_clips,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+class _TailTrackingReader:
+    """File wrapper that remembers whether the end was reached and the last 1024 bytes read."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self.fileobj = fileobj
+        self.tail = b""
+        self.reached_end = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        if size < 0 or len(data) < size:
+            self.reached_end = True
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def ended_without_archive_end(self) -> bool:
+        # A complete tar ends with two zero blocks; tarfile stops at the first one and reads in
+        # 10 KiB records, so a complete archive's last read ends with zeros.
+        return self.reached_end and self.tail[-512:] != bytes(512)
+
+    def close(self) -> None:
+        self.fileobj.close()
+
+    def __enter__(self) -> _TailTrackingReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return str(getattr(self.fileobj, "name", self.fileobj))
+
+
+def _entries(sample: dict[str, Any]) -> list[str]:
+    return sorted(key for key in sample if not key.startswith("__"))
+
+
+def _frame_count(meta: object) -> int | None:
+    """The frame count in a sample's json if it has one (ours: `frames`; ffprobe's: `nb_frames`)."""
+    if not isinstance(meta, dict):
+        return None
+    value = meta.get("frames", meta.get("nb_frames"))
+    video_metadata = meta.get("video_metadata")  # video2dataset's ffprobe output
+    if value is None and isinstance(video_metadata, dict):
+        streams = [s for s in video_metadata.get("streams") or [] if isinstance(s, dict)]
+        value = next((s.get("nb_frames") for s in streams if s.get("codec_type") == "video"), None)
+    try:
+        return int(value) if value is not None and int(value) > 0 else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,47 @@
+"""Run a function in N real processes (gloo on CPU), the way the deepspeed launcher starts ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    result = fn(rank, world_size, *args)
+    torch.save(result, Path(out_dir) / f"rank_{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn: Callable, out_dir: Path, *args: Any, world_size: int = 2) -> list[Any]:
+    """Run fn(rank, world_size, *args) in `world_size` spawned processes; return their results by rank."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(
+        _entry,
+        args=(fn, world_size, free_port(), str(out_dir), args),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+    return [torch.load(out_dir / f"rank_{r}.pt", weights_only=False) for r in range(world_size)]

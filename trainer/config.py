@@ -1,0 +1,395 @@
+"""Typed run configuration: nested dataclasses loaded from one JSON file plus dotted overrides.
+
+Precedence: dataclass defaults < JSON file < command-line overrides (`train.max_steps=20`).
+Unknown keys and bad values raise `ConfigError` (a ValueError) with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from models import AUTOENCODER_PRESETS, DISCRIMINATOR_PRESETS
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot run; the message says how to fix it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The step loop: length, output, resume, seeds and how often to log, evaluate and save."""
+
+    max_steps: int = 1000
+    output_dir: str = "runs/default"
+    # "auto": continue from the latest checkpoint in output_dir if there is one; "none": start fresh;
+    # anything else: a path to a run directory or a checkpoint directory to continue from.
+    resume: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    gradient_accumulation_steps: int = 1
+    # Optional check: data.batch_size x gradient_accumulation_steps x world size must equal it.
+    global_batch_size: int | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(
+            self.checkpoint_every >= 0,
+            f"train.checkpoint_every must be >= 0 (0 saves only at the end), got {self.checkpoint_every}",
+        )
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}",
+        )
+        _require(self.output_dir != "", "train.output_dir must not be empty")
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoDataConfig:
+    """Built-in demo shards (camera moves over scikit-image photographs), generated when absent."""
+
+    enabled: bool = False
+    dir: str = "demo_data"
+    train_shards: int = 8
+    eval_shards: int = 2
+    clips_per_shard: int = 16
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where clips come from and how they are cut: 4k+1 frames, square crops, values in [-1, 1]."""
+
+    # A brace pattern ("shards/train-{000000..000099}.tar"), a glob, or a list of paths.
+    shards: str | list[str] = ""
+    eval_shards: str | list[str] = ""
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    num_frames: int = 17
+    resolution: int = 256
+    frame_stride: int = 1
+    batch_size: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_frames >= 1 and (self.num_frames - 1) % 4 == 0,
+            f"data.num_frames must be 4k+1 (1, 5, 9, 13, 17, ...) so that the first frame is kept and the "
+            f"rest compress 4x in time; got {self.num_frames}: use {_nearest_4k1(self.num_frames)}",
+        )
+        _require(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            f"data.resolution must be a positive multiple of 8 (8x spatial compression); got "
+            f"{self.resolution}: use {max(8, round(self.resolution / 8) * 8)}",
+        )
+        _require(self.frame_stride >= 1, f"data.frame_stride must be >= 1, got {self.frame_stride}")
+        _require(self.batch_size >= 1, f"data.batch_size (per rank) must be >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.demo.enabled:
+            _require(
+                not self.shards and not self.eval_shards,
+                "data.demo.enabled trains on the generated demo shards: remove data.shards and "
+                "data.eval_shards, or set data.demo.enabled=false",
+            )
+        else:
+            _require(
+                bool(self.shards),
+                "data.shards is empty: give a shard pattern such as 'shards/train-{000000..000009}.tar', "
+                "or set data.demo.enabled=true to train on the built-in demo data",
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The autoencoder: a named preset (see models.AUTOENCODER_PRESETS)."""
+
+    preset: str = "tiny"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _require_choice("model.preset", self.preset, AUTOENCODER_PRESETS)
+
+
+@dataclass(kw_only=True, slots=True)
+class DiscriminatorConfig:
+    """The 3D discriminator: a named preset (see models.DISCRIMINATOR_PRESETS)."""
+
+    preset: str = "default"
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        _require_choice("discriminator.preset", self.preset, DISCRIMINATOR_PRESETS)
+
+
+@dataclass(kw_only=True, slots=True)
+class LPIPSConfig:
+    """LPIPS weights: a local file, else the torch hub cache, else the canonical download."""
+
+    pretrained: bool = True
+    weights_path: str | None = None
+    backbone_weights_path: str | None = None
+    download: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """The perceptual-adversarial objective (DESIGN.md decision 2 for the adaptive weight)."""
+
+    rec_loss: Literal["l1", "mse"] = "l1"
+    perceptual_weight: float = 1.0
+    # LPIPS is computed on this many randomly picked frames per clip; 0 means every frame.
+    perceptual_frames: int = 1
+    lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.1
+    disc_start: int = 0
+    adaptive_weight: bool = True
+    adaptive_weight_eps: float = 1e-4
+    adaptive_weight_max: float = 1e4
+
+    def __post_init__(self) -> None:
+        for name in ("perceptual_weight", "kl_weight", "adversarial_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, f"loss.{name} must be >= 0, got {value}")
+        _require(
+            self.perceptual_frames >= 0, f"loss.perceptual_frames must be >= 0, got {self.perceptual_frames}"
+        )
+        _require(self.disc_start >= 0, f"loss.disc_start must be >= 0, got {self.disc_start}")
+        _require(
+            self.adaptive_weight_eps > 0,
+            f"loss.adaptive_weight_eps must be > 0, got {self.adaptive_weight_eps}",
+        )
+        _require(
+            self.adaptive_weight_max > 0,
+            f"loss.adaptive_weight_max must be > 0, got {self.adaptive_weight_max}",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerConfig:
+    """AdamW settings for one engine; grad_clip 0 disables clipping."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr >= 0, f"lr must be >= 0, got {self.lr}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Separate optimizers for the autoencoder (generator) and the discriminator."""
+
+    generator: OptimizerConfig = field(default_factory=OptimizerConfig)
+    discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class DeepSpeedConfig:
+    """What goes into both engines' DeepSpeed configs."""
+
+    zero_stage: int = 2
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.zero_stage in (0, 1, 2, 3),
+            f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Held-out reconstruction quality (PSNR), every `every` steps; 0 evaluates only at start and end."""
+
+    every: int = 0
+    max_clips: int = 32
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
+        _require(self.max_clips >= 1, f"eval.max_clips must be >= 1, got {self.max_clips}")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Everything one run needs; written resolved into the run directory as config.json."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Batch arithmetic that needs the world size: micro-batch x accumulation x ranks = global batch."""
+        micro, accum = self.data.batch_size, self.train.gradient_accumulation_steps
+        implied = micro * accum * world_size
+        global_batch = self.train.global_batch_size
+        if global_batch is not None and global_batch != implied:
+            raise ConfigError(
+                f"train.global_batch_size={global_batch} but data.batch_size x "
+                f"train.gradient_accumulation_steps x world size = {micro} x {accum} x {world_size} = "
+                f"{implied}: set train.global_batch_size={implied}, or change data.batch_size or "
+                f"train.gradient_accumulation_steps so that the product is {global_batch}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a JSON config, apply `a.b.c=value` overrides (values parsed as JSON, else strings), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    return from_dict(RunConfig, raw)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def from_dict(cls: type, raw: Any, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and mistyped values."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}"
+            + (f" (and {', '.join(prefix + k for k in unknown[1:])})" if len(unknown) > 1 else "")
+            + f"; valid keys in {where}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        # A __post_init__ check: its message already names the key.
+        raise ConfigError(str(err)) from None
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{key}={value!r} is not a valid choice; choose one of {', '.join(map(repr, args))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a field type we cannot load
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=20")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # bare strings: paths, names
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_choice(key: str, value: str, choices: typing.Mapping[str, Any]) -> None:
+    _require(value in choices, f"{key}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
+
+
+def _nearest_4k1(frames: int) -> int:
+    k = max(0, round((frames - 1) / 4))
+    return 4 * k + 1

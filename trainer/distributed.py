@@ -1,0 +1,94 @@
+"""Process-group setup from the launcher's environment (deepspeed, torchrun, SLURM, or none)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, rank on its node, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fill_environment() -> None:
+    """Map SLURM's variables to torch's, or describe a single process when no launcher set anything."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            nodes = env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+            # "node[001-004],other" -> "node001": the first host of a compressed list.
+            first = nodes.split(",")[0]
+            if "[" in first:
+                stem, ranges = first.split("[", 1)
+                first = stem + ranges.rstrip("]").split("-")[0].split(",")[0]
+            env["MASTER_ADDR"] = first
+        env.setdefault("MASTER_PORT", "29500")
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+
+
+def init_distributed() -> DistInfo:
+    """Start the process group with the accelerator's backend (gloo on CPU, nccl on CUDA) and pick the device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _fill_environment()
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    accelerator.set_device(local_rank)
+    device = torch.device(accelerator.device_name(local_rank))
+    world_size = dist.get_world_size()
+    if device.type == "cpu":
+        # Ranks sharing a CPU node split its cores instead of each starting one thread per core.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """Sum of a scalar over ranks."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.item()
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank; every rank gets the same answer."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() == 1.0)

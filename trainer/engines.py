@@ -1,0 +1,50 @@
+"""Wrapping the autoencoder and the discriminator in two DeepSpeed engines (DESIGN.md decision 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import OptimizerConfig, RunConfig
+
+
+def deepspeed_config(config: RunConfig, optim: OptimizerConfig) -> dict[str, Any]:
+    """The DeepSpeed config of one engine; both engines share batch sizes, precision and ZeRO stage."""
+    return {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+        "gradient_clipping": optim.grad_clip,
+        "bf16": {"enabled": config.deepspeed.bf16},
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        # A torch AdamW object: no JIT-compiled optimizer op on CPU, fused kernels on CUDA.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(module: nn.Module, optim: OptimizerConfig, config: RunConfig, device: torch.device):
+    """One DeepSpeed engine with its own AdamW over the module's trainable parameters."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=optim.lr,
+        betas=optim.betas,
+        weight_decay=optim.weight_decay,
+        fused=device.type == "cuda",
+    )
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=deepspeed_config(config, optim), dist_init_required=False
+    )
+    return engine
+
+
+def build_engines(autoencoder: nn.Module, discriminator: nn.Module, config: RunConfig, device: torch.device):
+    """(generator engine, discriminator engine), each with its optimizer settings from `optim`."""
+    g_engine = build_engine(autoencoder.to(device), config.optim.generator, config, device)
+    d_engine = build_engine(discriminator.to(device), config.optim.discriminator, config, device)
+    return g_engine, d_engine

@@ -1,0 +1,317 @@
+"""The training loop: builds the parts from a RunConfig, then steps, logs, evaluates and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data import SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
+from models import build_autoencoder, build_discriminator
+from trainer.build import build_loss
+from trainer.checkpoint import Checkpointer
+from trainer.config import RunConfig, save_config
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from trainer.engines import build_engines
+from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
+from trainer.step import AdversarialStep
+
+log = logging.getLogger("trainer")
+
+# Names under which the step's metrics reach TensorBoard.
+_METRIC_NAMES = {
+    "rec": "loss/rec",
+    "perceptual": "loss/perceptual",
+    "kl": "loss/kl",
+    "nll": "loss/nll",
+    "generator_adversarial": "loss/generator_adversarial",
+    "total": "loss/generator_total",
+    "discriminator": "loss/discriminator",
+    "adaptive_weight": "adaptive_weight",
+    "logits_real": "logits/real",
+    "logits_fake": "logits/fake",
+}
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+class Trainer:
+    """Owns the two engines, the data streams, the checkpointer and the metrics logger of one run."""
+
+    def __init__(self, config: RunConfig, dist_info: DistInfo | None = None) -> None:
+        self.config = config
+        self.dist = dist_info or init_distributed()
+        _setup_logging(self.dist.rank)
+        config.check_world_size(self.dist.world_size)
+        self.run_dir = Path(config.train.output_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.json")
+        barrier()
+
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        autoencoder = build_autoencoder(
+            config.model.preset, gradient_checkpointing=config.model.gradient_checkpointing
+        )
+        discriminator = build_discriminator(
+            config.discriminator.preset, gradient_checkpointing=config.discriminator.gradient_checkpointing
+        )
+        self.loss = build_loss(config.loss).to(self.dist.device)
+        self.g_engine, self.d_engine = build_engines(autoencoder, discriminator, config, self.dist.device)
+        self.step_fn = AdversarialStep(
+            self.g_engine,
+            self.d_engine,
+            self.loss,
+            adaptive=config.loss.adaptive_weight,
+            adaptive_eps=config.loss.adaptive_weight_eps,
+            adaptive_max=config.loss.adaptive_weight_max,
+        )
+        log.info(
+            "autoencoder %s: %.2fM parameters; discriminator %s: %.2fM; %d rank(s) on %s, ZeRO-%d, %s",
+            config.model.preset,
+            sum(p.numel() for p in autoencoder.parameters()) / 1e6,
+            config.discriminator.preset,
+            sum(p.numel() for p in discriminator.parameters()) / 1e6,
+            self.dist.world_size,
+            self.dist.device.type,
+            config.deepspeed.zero_stage,
+            "bf16" if config.deepspeed.bf16 else "fp32",
+        )
+
+        self.checkpointer = Checkpointer(self.run_dir, self.dist.rank)
+        self.metrics: MetricsLogger = (
+            TensorBoardLogger(self.run_dir) if self.dist.is_main else MetricsLogger()
+        )
+        self.accumulator = MetricAccumulator()
+        self.global_step = 0  # completed optimizer steps
+        self._seed_rank_rngs()
+        self._resume()
+
+        self.train_shards, self.eval_shards = self._resolve_shards()
+        self.train_batches = self._train_batches()
+        self.skipped = SkippedSamples()
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def _seed_rank_rngs(self) -> None:
+        """Per-rank streams for posterior noise, LPIPS frame picks and the like."""
+        seed = self.config.train.seed * 1000 + self.dist.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def _resume(self) -> None:
+        found = self.checkpointer.resolve(self.config.train.resume)
+        if found is None:
+            return
+        root, tag = found
+        state = self.checkpointer.load(root, tag, self.g_engine, self.d_engine)
+        self.global_step = int(state["global_step"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        log.info("resumed from %s/%s: continuing at step %d", root, tag, self.global_step + 1)
+
+    def _resolve_shards(self) -> tuple[str | list[str], str | list[str]]:
+        data = self.config.data
+        if not data.demo.enabled:
+            return data.shards, data.eval_shards
+        if self.dist.local_rank == 0:  # one writer per node; the files are written atomically
+            ensure_demo_shards(
+                data.demo.dir,
+                train_shards=data.demo.train_shards,
+                eval_shards=data.demo.eval_shards,
+                clips_per_shard=data.demo.clips_per_shard,
+            )
+        barrier()
+        demo = ensure_demo_shards(
+            data.demo.dir,
+            train_shards=data.demo.train_shards,
+            eval_shards=data.demo.eval_shards,
+            clips_per_shard=data.demo.clips_per_shard,
+        )
+        return demo.train_pattern, demo.eval_pattern
+
+    def _train_batches(self) -> Iterator[dict[str, Any]]:
+        data = self.config.data
+        dataset = build_video_dataset(
+            self.train_shards,
+            num_frames=data.num_frames,
+            resolution=data.resolution,
+            frame_stride=data.frame_stride,
+            train=True,
+            seed=self.config.train.seed,
+            shuffle_buffer=data.shuffle_buffer,
+            # A resumed run starts a new pass over the shards rather than replaying the first clips.
+            epoch_offset=self.global_step,
+        )
+        return iter(build_dataloader(dataset, batch_size=data.batch_size, num_workers=data.num_workers))
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def train(self) -> None:
+        """Train until train.max_steps, then save and evaluate once more."""
+        cfg = self.config.train
+        if self.global_step == 0 and self.eval_shards:
+            self.evaluate()
+        progress = None
+        if self.dist.is_main and cfg.progress_bar:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.max_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
+        last_saved = self.global_step
+        while self.global_step < cfg.max_steps:
+            self.train_step()
+            self.global_step += 1
+            if progress is not None:
+                progress.update(1)
+            if self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps:
+                self._log_metrics(progress)
+            if self.config.eval.every and self.global_step % self.config.eval.every == 0 and self.eval_shards:
+                self.evaluate()
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+                last_saved = self.global_step
+        if progress is not None:
+            progress.close()
+        if last_saved != self.global_step:
+            self.save_checkpoint()
+        if self.eval_shards and not (
+            self.config.eval.every and self.global_step % self.config.eval.every == 0
+        ):
+            self.evaluate()
+
+    def train_step(self) -> None:
+        """One optimizer step of each engine (over gradient_accumulation_steps micro-batches)."""
+        start = time.perf_counter()
+        data_wait = 0.0
+        clips = 0
+        for _ in range(self.config.train.gradient_accumulation_steps):
+            fetch = time.perf_counter()
+            batch = next(self.train_batches)
+            data_wait += time.perf_counter() - fetch
+            self.skipped.update(batch)
+            video = batch["video"].to(self.dist.device, non_blocking=True)  # (B, C, T, H, W) in [-1, 1]
+            clips += video.shape[0]
+            metrics, recon = self.step_fn.generator_step(video, self.global_step)
+            if self.loss.adversarial_active(self.global_step):
+                metrics.update(self.step_fn.discriminator_step(video, recon))
+            self.accumulator.add({_METRIC_NAMES[k]: v for k, v in metrics.items()})
+        elapsed = time.perf_counter() - start
+        # Scalars are averaged over ranks when logged, so per-rank values x world size log as totals.
+        perf = {
+            "perf/clips_per_sec": clips * self.dist.world_size / elapsed,
+            "perf/step_time_s": elapsed,
+            "perf/data_wait_fraction": data_wait / elapsed,
+            "lr/generator": self.g_engine.get_lr()[0],
+        }
+        for name, engine in (("generator", self.g_engine), ("discriminator", self.d_engine)):
+            norm = engine.get_global_grad_norm()
+            if norm is not None and self._engine_stepped(name):
+                perf[f"grad_norm/{name}"] = float(norm)
+        if self.loss.adversarial_active(self.global_step):
+            perf["lr/discriminator"] = self.d_engine.get_lr()[0]
+        self.accumulator.add(perf)
+
+    def _engine_stepped(self, name: str) -> bool:
+        return name == "generator" or self.loss.adversarial_active(self.global_step)
+
+    def _log_metrics(self, progress) -> None:
+        scalars = self.accumulator.reduce(self.dist.device)
+        scalars["data/skipped_samples"] = all_reduce_sum(float(self.skipped.total), self.dist.device)
+        self.metrics.log(self.global_step, scalars)
+        if self.dist.is_main:
+            summary = (
+                f"step {self.global_step}/{self.config.train.max_steps} "
+                f"rec {scalars.get('loss/rec', float('nan')):.4f} "
+                f"lpips {scalars.get('loss/perceptual', float('nan')):.4f} "
+                f"d {scalars.get('loss/discriminator', float('nan')):.4f} "
+                f"w {scalars.get('adaptive_weight', float('nan')):.3g} "
+                f"{scalars.get('perf/clips_per_sec', 0.0):.2f} clips/s"
+            )
+            if progress is not None:
+                progress.write(summary)
+            else:
+                log.info(summary)
+
+    # ----------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """PSNR and L1 of posterior-mean reconstructions of held-out clips, averaged over ranks."""
+        cfg, data = self.config.eval, self.config.data
+        model = self.g_engine.module
+        was_training = model.training
+        model.eval()
+        # Every rank reads the same eval stream and takes every world_size-th batch, so the ranks stay
+        # in step (a forward on some ranks only would hang under ZeRO-3).
+        dataset = build_video_dataset(
+            self.eval_shards,
+            num_frames=data.num_frames,
+            resolution=data.resolution,
+            frame_stride=data.frame_stride,
+            train=False,
+            rank=0,
+            world_size=1,
+        )
+        loader = build_dataloader(dataset, batch_size=cfg.batch_size, num_workers=0, drop_last=False)
+        max_batches = math.ceil(cfg.max_clips / cfg.batch_size)
+        max_batches = max(self.dist.world_size, max_batches - max_batches % self.dist.world_size)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.dist.device)  # psnr sum, l1 sum, clips
+        for index, batch in enumerate(loader):
+            if index >= max_batches:
+                break
+            if index % self.dist.world_size != self.dist.rank:
+                continue
+            video = batch["video"].to(self.dist.device).float()
+            recon = model(video.to(self.step_fn.g_dtype), sample_posterior=False).recon.float().clamp(-1, 1)
+            mse = (recon - video).pow(2).flatten(1).mean(dim=1)
+            # Peak-to-peak range of [-1, 1] is 2, so PSNR = 10 log10(2^2 / MSE).
+            totals[0] += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).sum().double()
+            totals[1] += (recon - video).abs().flatten(1).mean(dim=1).sum().double()
+            totals[2] += video.shape[0]
+        if torch.distributed.is_initialized() and self.dist.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        model.train(was_training)
+        if totals[2] == 0:
+            log.warning("evaluation found no clips in %s", self.eval_shards)
+            return {}
+        results = {"eval/psnr": (totals[0] / totals[2]).item(), "eval/l1": (totals[1] / totals[2]).item()}
+        self.metrics.log(self.global_step, results)
+        log.info(
+            "eval at step %d: PSNR %.2f dB, L1 %.4f over %d clips",
+            self.global_step,
+            results["eval/psnr"],
+            results["eval/l1"],
+            int(totals[2]),
+        )
+        return results
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "global_step": self.global_step,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+        }
+        return self.checkpointer.save(self.global_step, self.g_engine, self.d_engine, state)
+
+    def close(self) -> None:
+        self.step_fn.last_layer.remove()
+        self.metrics.close()
