@@ -36,8 +36,10 @@ class DiscriminatorBlock3D(nn.Module):
         # (B, Cin, T, H, W) -> (B, Cout, (T-1)//2 + 1, (H-1)//2 + 1, (W-1)//2 + 1)
         h = self.conv1(F.leaky_relu(self.norm1(x), LEAKY_SLOPE))
         h = self.conv2(F.leaky_relu(self.norm2(h), LEAKY_SLOPE))
-        # edge-replicating pad (avg_pool3d refuses inputs smaller than its kernel, e.g. T = 1 or 2)
-        skip = self.skip(F.avg_pool3d(F.pad(x, (1,) * 6, mode="replicate"), kernel_size=3, stride=2))
+        # Edge-replicating pad (avg_pool3d refuses inputs smaller than its kernel, e.g. T = 1 or 2); the pool
+        # runs in fp32 because CPU torch has no bf16 avg_pool3d kernel.
+        pooled = F.avg_pool3d(F.pad(x, (1,) * 6, mode="replicate").float(), kernel_size=3, stride=2)
+        skip = self.skip(pooled.to(x.dtype))
         return (h + skip) / math.sqrt(2.0)
 
 

@@ -81,3 +81,14 @@ def test_presets_and_validation() -> None:
     with pytest.raises(ValueError, match=r"num_groups=32 must divide"):
         build_discriminator("tiny", num_groups=32)
     assert build_discriminator("tiny", base_channels=8).stem.out_channels == 8
+
+
+def test_bf16_forward_backward_with_checkpointing() -> None:
+    # bf16 engines cast the whole module; every op must have a bf16 kernel on CPU and CUDA.
+    torch.manual_seed(0)
+    model = build_discriminator("tiny", gradient_checkpointing=True).to(torch.bfloat16).train()
+    video = torch.rand(2, 3, 9, 32, 32, dtype=torch.bfloat16) * 2 - 1
+    logits = model(video)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    logits.float().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())
