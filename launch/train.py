@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
@@ -25,6 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecated, once per step on every rank.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning
+    )
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

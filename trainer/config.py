@@ -109,9 +109,12 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """The autoencoder: a named preset (see models.AUTOENCODER_PRESETS)."""
+    """The autoencoder: a named preset (see models.AUTOENCODER_PRESETS), or a diffusers folder to start from."""
 
     preset: str = "tiny"
+    # A local diffusers AutoencoderKLCogVideoX folder (config.json + safetensors): the run starts from its
+    # weights and takes its architecture from its config.json (model.preset is then not used).
+    init_from: str | None = None
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:

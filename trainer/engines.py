@@ -48,3 +48,16 @@ def build_engines(autoencoder: nn.Module, discriminator: nn.Module, config: RunC
     g_engine = build_engine(autoencoder.to(device), config.optim.generator, config, device)
     d_engine = build_engine(discriminator.to(device), config.optim.discriminator, config, device)
     return g_engine, d_engine
+
+
+def restore_fp32_weights(engine, state: dict[str, torch.Tensor]) -> None:
+    """Put full-precision weights into the engine's fp32 master copy.
+
+    In bf16 mode DeepSpeed casts the module to bf16 before it builds the fp32 master weights, so weights
+    loaded in fp32 (model.init_from) would otherwise start training rounded to bf16.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in engine.module.named_parameters():
+        if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+            safe_set_full_fp32_param(param, state[name].to(param.device, torch.float32))

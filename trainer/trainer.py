@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import random
@@ -14,16 +16,20 @@ import numpy as np
 import torch
 
 from data import SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
-from models import build_autoencoder, build_discriminator
+from models import CausalVideoAutoencoder, build_autoencoder, build_discriminator
+from models.convert import load_diffusers_folder
 from trainer.build import build_loss
 from trainer.checkpoint import Checkpointer
-from trainer.config import RunConfig, save_config
+from trainer.config import ConfigError, RunConfig, save_config
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from trainer.engines import build_engines
+from trainer.engines import build_engines, restore_fp32_weights
 from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
 from trainer.step import AdversarialStep
 
 log = logging.getLogger("trainer")
+
+# The autoencoder's architecture (AutoencoderConfig as JSON), written into every run directory.
+AUTOENCODER_CONFIG_NAME = "autoencoder.json"
 
 # Names under which the step's metrics reach TensorBoard.
 _METRIC_NAMES = {
@@ -64,14 +70,18 @@ class Trainer:
         barrier()
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-        autoencoder = build_autoencoder(
-            config.model.preset, gradient_checkpointing=config.model.gradient_checkpointing
-        )
+        autoencoder = self._build_autoencoder()
+        initial_weights = None
+        if config.model.init_from and config.deepspeed.bf16:
+            initial_weights = {k: v.detach().clone() for k, v in autoencoder.named_parameters()}
         discriminator = build_discriminator(
             config.discriminator.preset, gradient_checkpointing=config.discriminator.gradient_checkpointing
         )
         self.loss = build_loss(config.loss).to(self.dist.device)
         self.g_engine, self.d_engine = build_engines(autoencoder, discriminator, config, self.dist.device)
+        if initial_weights is not None:
+            restore_fp32_weights(self.g_engine, initial_weights)
+            del initial_weights
         self.step_fn = AdversarialStep(
             self.g_engine,
             self.d_engine,
@@ -82,7 +92,7 @@ class Trainer:
         )
         log.info(
             "autoencoder %s: %.2fM parameters; discriminator %s: %.2fM; %d rank(s) on %s, ZeRO-%d, %s",
-            config.model.preset,
+            config.model.init_from or config.model.preset,
             sum(p.numel() for p in autoencoder.parameters()) / 1e6,
             config.discriminator.preset,
             sum(p.numel() for p in discriminator.parameters()) / 1e6,
@@ -107,6 +117,27 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- set-up
 
+    def _build_autoencoder(self) -> CausalVideoAutoencoder:
+        """From model.init_from (a diffusers folder) or a preset; its architecture is saved in the run dir."""
+        model_cfg = self.config.model
+        if model_cfg.init_from:
+            try:
+                autoencoder = load_diffusers_folder(
+                    model_cfg.init_from, gradient_checkpointing=model_cfg.gradient_checkpointing
+                )
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"model.init_from={model_cfg.init_from!r}: {err}") from err
+            log.info("autoencoder weights and architecture from %s", model_cfg.init_from)
+        else:
+            autoencoder = build_autoencoder(
+                model_cfg.preset, gradient_checkpointing=model_cfg.gradient_checkpointing
+            )
+        if self.dist.is_main:
+            # What export and the tools need to rebuild the autoencoder without the run config's preset.
+            architecture = dataclasses.asdict(autoencoder.config)
+            (self.run_dir / AUTOENCODER_CONFIG_NAME).write_text(json.dumps(architecture, indent=2) + "\n")
+        return autoencoder
+
     def _seed_rank_rngs(self) -> None:
         """Per-rank streams for posterior noise, LPIPS frame picks and the like."""
         seed = self.config.train.seed * 1000 + self.dist.rank
@@ -130,20 +161,19 @@ class Trainer:
         data = self.config.data
         if not data.demo.enabled:
             return data.shards, data.eval_shards
-        if self.dist.local_rank == 0:  # one writer per node; the files are written atomically
-            ensure_demo_shards(
+
+        def demo_shards():
+            return ensure_demo_shards(
                 data.demo.dir,
                 train_shards=data.demo.train_shards,
                 eval_shards=data.demo.eval_shards,
                 clips_per_shard=data.demo.clips_per_shard,
             )
+
+        if self.dist.local_rank == 0:  # one writer per node, the others wait; files are written atomically
+            demo_shards()
         barrier()
-        demo = ensure_demo_shards(
-            data.demo.dir,
-            train_shards=data.demo.train_shards,
-            eval_shards=data.demo.eval_shards,
-            clips_per_shard=data.demo.clips_per_shard,
-        )
+        demo = demo_shards()  # present now: only reads the marker
         return demo.train_pattern, demo.eval_pattern
 
     def _train_batches(self) -> Iterator[dict[str, Any]]:
@@ -235,14 +265,16 @@ class Trainer:
         scalars["data/skipped_samples"] = all_reduce_sum(float(self.skipped.total), self.dist.device)
         self.metrics.log(self.global_step, scalars)
         if self.dist.is_main:
-            summary = (
-                f"step {self.global_step}/{self.config.train.max_steps} "
-                f"rec {scalars.get('loss/rec', float('nan')):.4f} "
-                f"lpips {scalars.get('loss/perceptual', float('nan')):.4f} "
-                f"d {scalars.get('loss/discriminator', float('nan')):.4f} "
-                f"w {scalars.get('adaptive_weight', float('nan')):.3g} "
-                f"{scalars.get('perf/clips_per_sec', 0.0):.2f} clips/s"
-            )
+            shown = {"rec": "loss/rec", "lpips": "loss/perceptual", "d": "loss/discriminator"}
+            parts = [f"step {self.global_step}/{self.config.train.max_steps}"]
+            parts += [
+                f"{label} {scalars[key]:.4f}" if key in scalars else f"{label} -"
+                for label, key in shown.items()
+            ]
+            if "loss/discriminator" in scalars:
+                parts.append(f"w {scalars['adaptive_weight']:.3g}")
+            parts.append(f"{scalars.get('perf/clips_per_sec', 0.0):.2f} clips/s")
+            summary = " ".join(parts)
             if progress is not None:
                 progress.write(summary)
             else:
