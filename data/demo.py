@@ -1,6 +1,10 @@
 """Demo video shards made offline: camera moves (pans, zooms, rotations) over scikit-image's photographs.
 
-Train clips use six photographs; eval clips use two others (held out) and their own random moves.
+Train clips are camera moves over six photographs. Eval clips are held-out clips of the same six
+photographs: camera paths drawn from their own random stream, never trained on. Unseen clips move over
+two other photographs that training never sees, for a harder generalisation check (on the tiny preset a
+few hundred steps raise eval PSNR by ~9 dB but unseen PSNR by only ~2 dB: six photographs are too few to
+transfer to new content that soon).
 Each clip is H.264 (yuv420p) in an mp4, stored video2dataset-style as KEY.mp4 + KEY.json + KEY.txt.
 Generation is deterministic for a seed (x264 runs single-threaded so the bytes do not depend on the
 machine's core count).
@@ -32,7 +36,7 @@ from einops import rearrange
 logger = logging.getLogger("data")
 
 # Bump when the generator's output changes, so ensure_demo_shards regenerates old sets.
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2
 MARKER_NAME = "DONE.json"
 
 # name -> (loader, caption subject). Colour photographs that ship with scikit-image (no download).
@@ -47,7 +51,7 @@ PHOTOS = {
     "motorcycle": (lambda: skimage.data.stereo_motorcycle()[0], "a motorcycle"),
 }
 TRAIN_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina")
-EVAL_PHOTOS = ("rocket", "motorcycle")
+UNSEEN_PHOTOS = ("rocket", "motorcycle")
 MOTIONS = ("pan_left", "pan_right", "pan_up", "pan_down", "pan_diagonal", "zoom_in", "zoom_out", "rotate")
 _MOTION_WORDS = {
     "pan_left": "A slow pan to the left",
@@ -69,7 +73,8 @@ class DemoShards(NamedTuple):
     """Brace patterns of the written shards, ready for `build_video_dataset`."""
 
     train_pattern: str
-    eval_pattern: str
+    eval_pattern: str  # held-out clips of the training photographs
+    unseen_pattern: str  # clips of photographs training never sees
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +258,7 @@ class _DemoParams:
 
     @property
     def total_clips(self) -> int:
-        return (self.train_shards + self.eval_shards) * self.clips_per_shard
+        return (self.train_shards + 2 * self.eval_shards) * self.clips_per_shard
 
 
 def write_demo_shards(
@@ -280,7 +285,8 @@ def write_demo_shards(
     try:
         for split, count, photos in (
             ("train", train_shards, TRAIN_PHOTOS),
-            ("eval", eval_shards, EVAL_PHOTOS),
+            ("eval", eval_shards, TRAIN_PHOTOS),
+            ("unseen", eval_shards, UNSEEN_PHOTOS),
         ):
             for shard in range(count):
                 _write_shard(out / f"{split}-{shard:06d}.tar", split, shard, photos, params)
@@ -314,7 +320,7 @@ def ensure_demo_shards(
         found = None
     shards_present = all(
         (out / f"{split}-{shard:06d}.tar").is_file()
-        for split, count in (("train", train_shards), ("eval", eval_shards))
+        for split, count in (("train", train_shards), ("eval", eval_shards), ("unseen", eval_shards))
         for shard in range(count)
     )
     if found == asdict(params) and shards_present:
@@ -387,4 +393,5 @@ def _patterns(out: Path, params: _DemoParams) -> DemoShards:
     return DemoShards(
         train_pattern=str(out / f"train-{{000000..{params.train_shards - 1:06d}}}.tar"),
         eval_pattern=str(out / f"eval-{{000000..{params.eval_shards - 1:06d}}}.tar"),
+        unseen_pattern=str(out / f"unseen-{{000000..{params.eval_shards - 1:06d}}}.tar"),
     )

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"train shards: {shards.train_pattern}")
     print(f"eval shards:  {shards.eval_pattern}")
+    print(f"unseen-photo shards: {shards.unseen_pattern}")
     print(f"done in {time.perf_counter() - began:.1f} s")
 
 

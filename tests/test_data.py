@@ -313,7 +313,7 @@ def test_demo_clips_have_content_and_motion(demo):
                 )
 
 
-def test_demo_keys_and_held_out_eval_photos(demo):
+def test_demo_keys_held_out_eval_clips_and_unseen_photos(demo):
     directory = Path(demo.train_pattern).parent
     assert all_keys(directory, "train")[:5] == [
         "000000000",
@@ -323,24 +323,35 @@ def test_demo_keys_and_held_out_eval_photos(demo):
         "000010000",
     ]
 
-    def sources(split):
-        found = set()
-        for path in directory.glob(f"{split}-*.tar"):
+    def metadata(split):
+        found = []
+        for path in sorted(directory.glob(f"{split}-*.tar")):
             with tarfile.open(path) as tar:
-                found |= {
-                    json.loads(tar.extractfile(m).read())["source"] for m in tar if m.name.endswith(".json")
-                }
+                found += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
         return found
 
-    assert not sources("train") & sources("eval")
+    def camera_paths(split):
+        return {json.dumps([m["source"], m["motion"]], sort_keys=True) for m in metadata(split)}
+
+    def sources(split):
+        return {m["source"] for m in metadata(split)}
+
+    # Eval: held-out clips of the training photographs (no camera path shared with training).
+    assert sources("eval") <= sources("train")
+    assert not camera_paths("train") & camera_paths("eval")
+    # Unseen: photographs training never sees.
+    assert sources("unseen") and not sources("train") & sources("unseen")
+    assert Path(demo.unseen_pattern).parent == directory
 
 
 def test_demo_generation_is_deterministic_and_ensure_skips_when_marker_matches(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="data"):
         first = ensure_demo_shards(tmp_path / "a", **TINY)
-    assert "demo shards not found" in caplog.text and "generating 4 clips" in caplog.text
+    assert (
+        "demo shards not found" in caplog.text and "generating 6 clips" in caplog.text
+    )  # train, eval, unseen
     ensure_demo_shards(tmp_path / "b", **TINY)
-    for name in ["train-000000.tar", "eval-000000.tar"]:
+    for name in ["train-000000.tar", "eval-000000.tar", "unseen-000000.tar"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
     def must_not_run(*args, **kwargs):

@@ -51,6 +51,7 @@ EXPECTED_SCALARS = {
     "lr/discriminator",
     "perf/clips_per_sec",
     "eval/psnr",
+    "eval_unseen/psnr",
 }
 
 

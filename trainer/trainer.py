@@ -111,7 +111,7 @@ class Trainer:
         self._seed_rank_rngs()
         self._resume()
 
-        self.train_shards, self.eval_shards = self._resolve_shards()
+        self.train_shards, self.eval_sets = self._resolve_shards()
         self.train_batches = self._train_batches()
         self.skipped = SkippedSamples()
 
@@ -157,10 +157,11 @@ class Trainer:
         np.random.set_state(state["numpy_rng"])
         log.info("resumed from %s/%s: continuing at step %d", root, tag, self.global_step + 1)
 
-    def _resolve_shards(self) -> tuple[str | list[str], str | list[str]]:
+    def _resolve_shards(self) -> tuple[str | list[str], dict[str, str | list[str]]]:
+        """Training shards, and the evaluation sets by metric prefix."""
         data = self.config.data
         if not data.demo.enabled:
-            return data.shards, data.eval_shards
+            return data.shards, ({"eval": data.eval_shards} if data.eval_shards else {})
 
         def demo_shards():
             return ensure_demo_shards(
@@ -174,7 +175,8 @@ class Trainer:
             demo_shards()
         barrier()
         demo = demo_shards()  # present now: only reads the marker
-        return demo.train_pattern, demo.eval_pattern
+        # eval: held-out clips of the training photographs; eval_unseen: photographs never trained on.
+        return demo.train_pattern, {"eval": demo.eval_pattern, "eval_unseen": demo.unseen_pattern}
 
     def _train_batches(self) -> Iterator[dict[str, Any]]:
         data = self.config.data
@@ -196,7 +198,7 @@ class Trainer:
     def train(self) -> None:
         """Train until train.max_steps, then save and evaluate once more."""
         cfg = self.config.train
-        if self.global_step == 0 and self.eval_shards:
+        if self.global_step == 0 and self.eval_sets:
             self.evaluate()
         progress = None
         if self.dist.is_main and cfg.progress_bar:
@@ -211,7 +213,7 @@ class Trainer:
                 progress.update(1)
             if self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps:
                 self._log_metrics(progress)
-            if self.config.eval.every and self.global_step % self.config.eval.every == 0 and self.eval_shards:
+            if self.config.eval.every and self.global_step % self.config.eval.every == 0 and self.eval_sets:
                 self.evaluate()
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -220,9 +222,7 @@ class Trainer:
             progress.close()
         if last_saved != self.global_step:
             self.save_checkpoint()
-        if self.eval_shards and not (
-            self.config.eval.every and self.global_step % self.config.eval.every == 0
-        ):
+        if self.eval_sets and not (self.config.eval.every and self.global_step % self.config.eval.every == 0):
             self.evaluate()
 
     def train_step(self) -> None:
@@ -284,15 +284,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """PSNR and L1 of posterior-mean reconstructions of held-out clips, averaged over ranks."""
-        cfg, data = self.config.eval, self.config.data
+        """PSNR and L1 of posterior-mean reconstructions of every evaluation set, averaged over ranks."""
         model = self.g_engine.module
         was_training = model.training
         model.eval()
+        results: dict[str, float] = {}
+        for prefix, shards in self.eval_sets.items():
+            results.update(self._evaluate_set(model, prefix, shards))
+        model.train(was_training)
+        self.metrics.log(self.global_step, results)
+        return results
+
+    def _evaluate_set(self, model: torch.nn.Module, prefix: str, shards: str | list[str]) -> dict[str, float]:
+        cfg, data = self.config.eval, self.config.data
         # Every rank reads the same eval stream and takes every world_size-th batch, so the ranks stay
         # in step (a forward on some ranks only would hang under ZeRO-3).
         dataset = build_video_dataset(
-            self.eval_shards,
+            shards,
             num_frames=data.num_frames,
             resolution=data.resolution,
             frame_stride=data.frame_stride,
@@ -318,20 +326,19 @@ class Trainer:
             totals[2] += video.shape[0]
         if torch.distributed.is_initialized() and self.dist.world_size > 1:
             torch.distributed.all_reduce(totals)
-        model.train(was_training)
         if totals[2] == 0:
-            log.warning("evaluation found no clips in %s", self.eval_shards)
+            log.warning("evaluation found no clips in %s", shards)
             return {}
-        results = {"eval/psnr": (totals[0] / totals[2]).item(), "eval/l1": (totals[1] / totals[2]).item()}
-        self.metrics.log(self.global_step, results)
+        psnr, l1 = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
         log.info(
-            "eval at step %d: PSNR %.2f dB, L1 %.4f over %d clips",
+            "%s at step %d: PSNR %.2f dB, L1 %.4f over %d clips",
+            prefix,
             self.global_step,
-            results["eval/psnr"],
-            results["eval/l1"],
+            psnr,
+            l1,
             int(totals[2]),
         )
-        return results
+        return {f"{prefix}/psnr": psnr, f"{prefix}/l1": l1}
 
     # ---------------------------------------------------------------------------------- checkpoints
 
