@@ -27,7 +27,9 @@ def test_tiny_config_loads_with_the_documented_keys():
     assert config.model.preset == "tiny"
     assert (config.data.num_frames - 1) % 4 == 0
     assert config.data.resolution % 8 == 0
-    assert config.deepspeed.zero_stage == 2 and config.deepspeed.bf16 is True
+    assert (
+        config.deepspeed.zero_stage == 2 and config.deepspeed.bf16 is False
+    )  # CPU demo: see trainer warning
     for key in ("max_steps", "output_dir", "resume", "seed", "log_every", "checkpoint_every"):
         assert hasattr(config.train, key)
     assert config.optim.generator.lr > 0 and config.optim.discriminator.lr > 0

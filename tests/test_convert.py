@@ -109,6 +109,7 @@ def test_init_from_lr0_training_exports_identical_tensors(tmp_path):
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
         "launch/train.py", "--config", "configs/tiny.json",
         f"model.init_from={tmp_path / 'reference'}",
+        "deepspeed.bf16=true",  # the fp32 master weights must survive DeepSpeed's cast to bf16
         "optim.generator.lr=0", "train.max_steps=2", "train.progress_bar=false", "loss.disc_start=0",
         f"train.output_dir={run_dir}", f"data.demo.dir={tmp_path / 'demo'}",
         "data.demo.train_shards=2", "data.demo.eval_shards=1", "data.demo.clips_per_shard=2",

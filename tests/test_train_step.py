@@ -148,7 +148,9 @@ def _isolation_worker(rank: int, world_size: int, bf16: bool) -> dict:
     }
 
 
-@pytest.mark.parametrize("bf16", [True])
+# fp32: on CPU, torch 2.13's oneDNN bf16 conv3d backward returns garbage weight gradients for small
+# inputs in some runs (the discriminator head at 2x4x4), and DeepSpeed then skips that step as overflow.
+@pytest.mark.parametrize("bf16", [False])
 def test_each_step_updates_only_its_own_engine_once_per_training_step(tmp_path, bf16):
     results = run_ranks(_isolation_worker, tmp_path, bf16)
     for result in results:
