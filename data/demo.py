@@ -6,8 +6,8 @@ two other photographs that training never sees, for a harder generalisation chec
 few hundred steps raise eval PSNR by ~9 dB but unseen PSNR by only ~2 dB: six photographs are too few to
 transfer to new content that soon).
 Each clip is H.264 (yuv420p) in an mp4, stored video2dataset-style as KEY.mp4 + KEY.json + KEY.txt.
-Generation is deterministic for a seed (x264 runs single-threaded so the bytes do not depend on the
-machine's core count).
+Generation is deterministic for a seed up to the encoder: the rendered frames, keys, metadata and
+captions are; libx264's bytes were seen to differ between runs for some clips on a loaded machine.
 """
 
 from __future__ import annotations
