@@ -4,16 +4,25 @@
 `AutoencoderKLCogVideoX` built with the same sizes, and loads its weights with `strict=True`
 (released CogVideoX VAE weights included).
 
-Numerics against diffusers: encoding is identical whenever diffusers encodes the clip in one piece
-(T <= 13, i.e. under 16 frames with its 8-frame batching); decoding is identical whenever it decodes in
-one piece (t <= 3 latent frames) and t is odd (T = 1 or 9). Longer clips differ because diffusers runs
-them in chunks (GroupNorm statistics per chunk). For an even latent count diffusers' one-piece decode
-returns 4t frames; this decoder always keeps the first frame apart and returns 4(t-1)+1, the length
-that was encoded (see layers.SpatialNorm3D).
+Encode and decode are diffusers' `_encode` / `_decode` (without tiling): the clip runs through the
+encoder `encode_frame_chunk` (8) frames at a time and through the decoder `decode_latent_chunk` (2)
+latent frames at a time, the first chunk taking the remainder (frames [0, 9), [9, 17), ... and latents
+[0, 3), [3, 5), ... for T = 8k+1), with every causal conv continuing from the previous chunk's last
+frames. GroupNorm statistics are therefore per chunk, and the latents are causal at chunk granularity:
+latents [0, 3) depend on frames [0, 9) only, frames [0, 9) of the output on latents [0, 3) only. That is
+the model's definition, in training too. Under no_grad only one chunk's activations are alive at a time,
+whatever the clip length; in training with gradient checkpointing the blocks' insides are recomputed
+one chunk at a time, while block outputs (and what conv_in, norm_out and conv_out save) are kept for
+the whole clip. The numbers equal diffusers' for every valid T whose latent count is odd
+(T = 8k+1); for an even count (T = 8k+5) encoding still matches, while diffusers' decode returns 4t
+frames where this one returns 4(t-1)+1, the length that was encoded (see layers.SpatialNorm3D).
+
+`tiled_encode` / `tiled_decode` / `reconstruct(tiled=True)` also split space into overlapping tiles,
+blended with linear ramps, for inference on frames far larger than the training clips.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,11 +33,14 @@ from torch.utils.checkpoint import checkpoint
 
 from models.layers import (
     SPATIAL_NORM_EPS,
+    CausalCache,
     CausalConv3d,
     DownBlock3D,
+    GroupNorm32,
     MidBlock3D,
     SpatialNorm3D,
     UpBlock3D,
+    temporal_chunks,
 )
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -49,6 +61,10 @@ class AutoencoderConfig:
     temporal_compression_ratio: int = 4
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # temporal chunks of encode and decode (diffusers' num_sample_frames_batch_size and
+    # num_latent_frames_batch_size): part of the model's definition, since GroupNorm statistics are per chunk
+    encode_frame_chunk: int = 8
+    decode_latent_chunk: int = 2
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)  # JSON gives lists
@@ -78,6 +94,17 @@ class AutoencoderConfig:
                 "temporal_compression_ratio must be a power of 2 between 1 and 2**(levels - 1) = "
                 f"{max_ratio} for {levels} levels, got {ratio!r}"
             )
+        chunk = self.encode_frame_chunk
+        if not isinstance(chunk, int) or chunk < 1 or chunk % ratio:
+            raise ValueError(
+                "encode_frame_chunk must be a positive multiple of temporal_compression_ratio="
+                f"{ratio} (so every chunk after the first compresses evenly), got {chunk!r}; "
+                f"e.g. {max(8, ratio)}"
+            )
+        if not isinstance(self.decode_latent_chunk, int) or self.decode_latent_chunk < 1:
+            raise ValueError(
+                f"decode_latent_chunk must be a positive integer, got {self.decode_latent_chunk!r}"
+            )
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -100,11 +127,14 @@ class AutoencoderOutput(NamedTuple):
 
 
 class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) per latent element; logvar is clamped to [-30, 20] as in diffusers."""
+    """Posterior N(mean, exp(logvar)) per latent element; logvar is clamped to [-30, 20] as in diffusers.
+
+    Held and computed in float32 (sampling, KL) whatever dtype the encoder ran in.
+    """
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
-        self.mean = mean
-        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self.mean = mean.float()
+        self.logvar = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
         self.std = torch.exp(0.5 * self.logvar)
 
     @classmethod
@@ -124,26 +154,30 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(posterior || N(0, I)) summed over all non-batch dims -> (B,), computed in float32."""
-        mean, logvar = self.mean.float(), self.logvar.float()
-        return 0.5 * reduce(mean.square() + logvar.exp() - 1.0 - logvar, "b ... -> b", "sum")
+        return 0.5 * reduce(self.mean.square() + self.logvar.exp() - 1.0 - self.logvar, "b ... -> b", "sum")
 
 
-def _maybe_checkpoint(module: nn.Module, enabled: bool, *args: torch.Tensor) -> torch.Tensor:
+def _maybe_checkpoint(
+    module: nn.Module, enabled: bool, *args: torch.Tensor | CausalCache | None
+) -> torch.Tensor:
     # Only the non-reentrant kind: the reentrant one gives no parameter gradients when no input requires
-    # grad, and it breaks under DeepSpeed (see DESIGN.md).
+    # grad, and it breaks under DeepSpeed (see DESIGN.md). Re-running a block in the backward is safe with
+    # the cache: it reads the previous chunk's frames, which nothing changes (see layers.CausalCache).
     if enabled and module.training and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
 
 
 class Encoder3D(nn.Module):
-    """Video (B, C, T, H, W) -> posterior moments (B, 2 * latent, 1 + (T-1)/rt, H/s, W/s)."""
+    """Video (B, C, T, H, W) -> posterior moments (B, 2 * latent, 1 + (T-1)/rt, H/s, W/s), in temporal
+    chunks of `encode_frame_chunk` frames (see the module docstring)."""
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         widths = config.block_out_channels
         temporal_levels = int(math.log2(config.temporal_compression_ratio))
         self.gradient_checkpointing = config.gradient_checkpointing
+        self.frame_chunk = config.encode_frame_chunk
 
         self.conv_in = CausalConv3d(config.in_channels, widths[0], kernel_size=3)
         self.down_blocks = nn.ModuleList(
@@ -166,20 +200,29 @@ class Encoder3D(nn.Module):
             eps=config.norm_eps,
             dropout=config.dropout,
         )
-        self.norm_out = nn.GroupNorm(config.norm_num_groups, widths[-1], eps=SPATIAL_NORM_EPS)
+        self.norm_out = GroupNorm32(config.norm_num_groups, widths[-1], eps=SPATIAL_NORM_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = CausalConv3d(widths[-1], 2 * config.latent_channels, kernel_size=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        cache = CausalCache()
+        moments = []
+        for start, end in temporal_chunks(x.shape[2], self.frame_chunk):
+            moments.append(self._forward_chunk(x[:, :, start:end], cache))
+            cache = cache.next_chunk()
+        return torch.cat(moments, dim=2)
+
+    def _forward_chunk(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        h = self.conv_in(x, cache)
         for block in self.down_blocks:
-            h = _maybe_checkpoint(block, self.gradient_checkpointing, h)
-        h = _maybe_checkpoint(self.mid_block, self.gradient_checkpointing, h)
-        return self.conv_out(self.conv_act(self.norm_out(h)))
+            h = _maybe_checkpoint(block, self.gradient_checkpointing, h, cache)
+        h = _maybe_checkpoint(self.mid_block, self.gradient_checkpointing, h, None, cache)
+        return self.conv_out(self.conv_act(self.norm_out(h)), cache)
 
 
 class Decoder3D(nn.Module):
-    """Latent (B, latent, t, h, w) -> video (B, C, 1 + (t-1)*rt, h*s, w*s); every norm is conditioned on z."""
+    """Latent (B, latent, t, h, w) -> video (B, C, 1 + (t-1)*rt, h*s, w*s), in temporal chunks of
+    `decode_latent_chunk` latent frames; every norm is conditioned on the chunk's latents."""
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -187,6 +230,7 @@ class Decoder3D(nn.Module):
         temporal_levels = int(math.log2(config.temporal_compression_ratio))
         z_channels = config.latent_channels
         self.gradient_checkpointing = config.gradient_checkpointing
+        self.latent_chunk = config.decode_latent_chunk
 
         self.conv_in = CausalConv3d(z_channels, widths[0], kernel_size=3)
         self.mid_block = MidBlock3D(
@@ -216,19 +260,39 @@ class Decoder3D(nn.Module):
         self.conv_out = CausalConv3d(widths[-1], config.out_channels, kernel_size=3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = _maybe_checkpoint(self.mid_block, self.gradient_checkpointing, h, z)
-        for block in self.up_blocks:
-            h = _maybe_checkpoint(block, self.gradient_checkpointing, h, z)
+        # With gradients, conv_out runs once, over all chunks' features together: its cache would only
+        # hand each chunk the previous chunk's last two frames, so one causal conv over the concatenation
+        # computes the same numbers, and the output is then a single call of `conv_out.conv` (the
+        # trainer's last-layer hook sees one input whose conv IS the reconstruction). The features are
+        # kept for its backward anyway. Without gradients it runs per chunk, keeping memory per chunk.
+        whole_conv_out = torch.is_grad_enabled()
+        cache = CausalCache()
+        pieces = []
+        for start, end in temporal_chunks(z.shape[2], self.latent_chunk):
+            h = self._features(z[:, :, start:end], cache)
+            pieces.append(h if whole_conv_out else self.conv_out(h, cache))
+            cache = cache.next_chunk()
         # nothing may follow conv_out: the trainer's adaptive GAN weight assumes the output IS its output
-        return self.conv_out(self.conv_act(self.norm_out(h, z)))
+        if whole_conv_out:
+            return self.conv_out(torch.cat(pieces, dim=2))
+        return torch.cat(pieces, dim=2)
+
+    def _features(self, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """One latent chunk -> the input of conv_out, (B, widths[0], frames, H, W)."""
+        h = self.conv_in(z, cache)
+        h = _maybe_checkpoint(self.mid_block, self.gradient_checkpointing, h, z, cache)
+        for block in self.up_blocks:
+            h = _maybe_checkpoint(block, self.gradient_checkpointing, h, z, cache)
+        return self.conv_act(self.norm_out(h, z, cache))
 
 
 class CausalVideoAutoencoder(nn.Module):
     """Causal 3D VAE: (B, C, T, H, W) video in [-1, 1], T = 1 or 1 + 4k, H and W divisible by 8
     (for the default 4 levels) -> latent (B, 16, 1 + k, H/8, W/8) -> reconstruction of the input's shape.
 
-    The first frame is encoded on its own (causal padding), so a 1-frame video is an image.
+    The first frame is encoded on its own (causal padding), so a 1-frame video is an image. Encode and
+    decode run in temporal chunks (see the module docstring); `tiled_encode`, `tiled_decode` and
+    `reconstruct` add spatial tiles for inference on large frames.
     """
 
     def __init__(self, config: AutoencoderConfig):
@@ -245,6 +309,8 @@ class CausalVideoAutoencoder(nn.Module):
 
         Its input, captured with a forward hook, gives its weight gradient for any output gradient `gy`:
         `torch.nn.grad.conv3d_weight(input, last_layer.weight.shape, gy, **last_layer_conv_args())`.
+        With gradients enabled it runs once per decode, over all temporal chunks together (same numbers as
+        chunk by chunk); under no_grad it runs once per chunk, so a hook then sees one call per chunk.
         """
         return self.decoder.conv_out.conv
 
@@ -271,18 +337,53 @@ class CausalVideoAutoencoder(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Video (B, C, T, H, W) -> posterior over latents (B, latent, 1 + (T-1)/4, H/8, W/8)."""
+        """Video (B, C, T, H, W) -> posterior over latents (B, latent, 1 + (T-1)/4, H/8, W/8), float32."""
         self._check_video_shape(tuple(x.shape))
         return DiagonalGaussian.from_moments(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B, latent, t, h, w) -> video (B, C, 1 + 4(t-1), 8h, 8w)."""
-        if z.ndim != 5 or z.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"decode expects latents of shape (B, {self.config.latent_channels}, t, h, w), "
-                f"got {tuple(z.shape)}"
-            )
-        return self.decoder(z)
+        """Latent (B, latent, t, h, w) -> video (B, C, 1 + 4(t-1), 8h, 8w), in the decoder's dtype."""
+        return self.decoder(self._decoder_input(z))
+
+    @torch.no_grad()
+    def tiled_encode(
+        self,
+        x: torch.Tensor,
+        tile_size: int | tuple[int, int] = 256,
+        tile_overlap: int | tuple[int, int] = 64,
+    ) -> DiagonalGaussian:
+        """`encode` over overlapping spatial tiles of `tile_size` pixels (H, W), blended over `tile_overlap`
+        pixels' worth of latents; for inference (no_grad). Memory per tile and temporal chunk."""
+        self._check_video_shape(tuple(x.shape))
+        moments = self._tiled(self.encoder, x, tile_size, tile_overlap, in_scale=self.spatial_compression)
+        return DiagonalGaussian.from_moments(moments)
+
+    @torch.no_grad()
+    def tiled_decode(
+        self,
+        z: torch.Tensor,
+        tile_size: int | tuple[int, int] = 256,
+        tile_overlap: int | tuple[int, int] = 64,
+    ) -> torch.Tensor:
+        """`decode` over overlapping latent tiles that decode to `tile_size` pixels (H, W), blended over
+        `tile_overlap` pixels; for inference (no_grad). Memory per tile and temporal chunk."""
+        z = self._decoder_input(z)
+        return self._tiled(self.decoder, z, tile_size, tile_overlap, out_scale=self.spatial_compression)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x: torch.Tensor,
+        tiled: bool = False,
+        tile_size: int | tuple[int, int] = 256,
+        tile_overlap: int | tuple[int, int] = 64,
+    ) -> torch.Tensor:
+        """Decode the posterior mode of `x` (no_grad), optionally tiled; for tools and evaluation (call
+        `.eval()` first if the model has dropout)."""
+        if not tiled:
+            return self.decode(self.encode(x).mode())
+        z = self.tiled_encode(x, tile_size, tile_overlap).mode()
+        return self.tiled_decode(z, tile_size, tile_overlap)
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
@@ -291,6 +392,66 @@ class CausalVideoAutoencoder(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return AutoencoderOutput(recon=self.decode(z), mean=posterior.mean, logvar=posterior.logvar)
+
+    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 5 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"decode expects latents of shape (B, {self.config.latent_channels}, t, h, w), "
+                f"got {tuple(z.shape)}"
+            )
+        # the posterior is float32; with bf16 weights (DeepSpeed's bf16 mode) the decoder runs in bf16
+        return z.to(self.decoder.conv_in.conv.weight.dtype)
+
+    def _tiled(
+        self,
+        network: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        tile_size: int | tuple[int, int],
+        tile_overlap: int | tuple[int, int],
+        *,
+        in_scale: int = 1,
+        out_scale: int = 1,
+    ) -> torch.Tensor:
+        """Run `network` on overlapping (H, W) tiles of x and blend the outputs with linear ramps.
+
+        Tiles are laid out on the latent grid (x's pixels / in_scale, the output's / out_scale), spread
+        evenly with neighbours overlapping by at least `tile_overlap` pixels; the last tile ends at the
+        edge, so any size works. Each output pixel is the weighted mean of the tiles covering it, every
+        tile's weight ramping linearly across its overlap with each neighbour (diffusers' blend_v/blend_h
+        ramps, extended to overlaps that differ between tiles).
+        """
+        s = self.spatial_compression
+        tiles, overlaps = _pair(tile_size, "tile_size"), _pair(tile_overlap, "tile_overlap")
+        for tile, overlap in zip(tiles, overlaps, strict=True):
+            if tile < s or tile % s or overlap < 0 or overlap % s or overlap * 2 > tile:
+                raise ValueError(
+                    f"tile_size={tile_size} must be positive multiples of {s} and tile_overlap={tile_overlap} "
+                    f"non-negative multiples of {s}, at most half the tile"
+                )
+        grid = (x.shape[-2] // in_scale, x.shape[-1] // in_scale)
+        spans_h, spans_w = (
+            _tile_spans(size, tile // s, overlap // s)
+            for size, tile, overlap in zip(grid, tiles, overlaps, strict=True)
+        )
+        ramps_h, ramps_w = (_blend_ramps(spans, out_scale, x.device) for spans in (spans_h, spans_w))
+        out = total = None
+        for (top, bottom), ramp_h in zip(spans_h, ramps_h, strict=True):
+            for (left, right), ramp_w in zip(spans_w, ramps_w, strict=True):
+                piece = network(
+                    x[..., top * in_scale : bottom * in_scale, left * in_scale : right * in_scale]
+                )
+                if out is None:
+                    dtype = piece.dtype
+                    out_shape = (*piece.shape[:-2], grid[0] * out_scale, grid[1] * out_scale)
+                    out = torch.zeros(out_shape, dtype=torch.float32, device=piece.device)
+                    total = torch.zeros(out_shape[-2:], dtype=torch.float32, device=piece.device)
+                weight = ramp_h[:, None] * ramp_w[None, :]
+                rows = slice(top * out_scale, bottom * out_scale)
+                cols = slice(left * out_scale, right * out_scale)
+                out[..., rows, cols] += piece.float() * weight
+                total[rows, cols] += weight
+                del piece  # free the tile before the next one runs
+        return (out / total).to(dtype)
 
     def _check_video_shape(self, shape: tuple[int, ...]) -> None:
         channels = self.config.in_channels
@@ -312,3 +473,36 @@ class CausalVideoAutoencoder(nn.Module):
             )
         if problems:
             raise ValueError(f"bad video shape {shape}: " + "; ".join(problems))
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
+    return pair
+
+
+def _tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) of the fewest tiles of length `tile` covering [0, size) with neighbours overlapping by
+    at least `overlap`, spread evenly (the last one ends at `size`)."""
+    if size <= tile:
+        return [(0, size)]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    starts = [round(i * (size - tile) / (count - 1)) for i in range(count)]
+    return [(start, start + tile) for start in starts]
+
+
+def _blend_ramps(spans: list[tuple[int, int]], scale: int, device: torch.device) -> list[torch.Tensor]:
+    """Per tile, a 1D weight over its `scale`-times-larger output: 1 inside, a linear ramp across its
+    overlap with each neighbour, where the two ramps sum to 1."""
+    ramps = []
+    for index, (start, end) in enumerate(spans):
+        start, end = start * scale, end * scale
+        centers = torch.arange(start, end, device=device, dtype=torch.float32) + 0.5
+        ramp = torch.ones_like(centers)
+        if index > 0 and (overlap := spans[index - 1][1] * scale - start) > 0:
+            ramp = torch.minimum(ramp, (centers - start) / overlap)
+        if index < len(spans) - 1 and (overlap := end - spans[index + 1][0] * scale) > 0:
+            ramp = torch.minimum(ramp, (end - centers) / overlap)
+        ramps.append(ramp)
+    return ramps

@@ -2,14 +2,18 @@
 
 Module and parameter names follow diffusers' `autoencoder_kl_cogvideox.py` one for one, so a state dict
 moves between the two with `load_state_dict(..., strict=True)`. The numerics follow it too (same
-padding, interpolation and pooling), for whole clips. diffusers' `conv_cache` (the previous chunk's
-last frames, used when a long clip is encoded chunk by chunk) and its unused time-embedding path are
-left out here: every forward sees the whole clip.
+padding, interpolation and pooling), including its temporal chunking: a clip runs through the network a
+few frames at a time, and a `CausalCache` carries each causal conv's last input frames (diffusers'
+`conv_cache`) and whether the chunk holds the clip's first frame from one chunk to the next. Without a
+cache, a layer treats its input as a whole clip. diffusers' unused time-embedding path is left out.
+
+GroupNorms compute in float32 whatever the input and weight dtypes (`GroupNorm32`).
 
 Shapes: video tensors are (B, C, T, H, W) throughout.
 """
 
 import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,62 @@ SPATIAL_NORM_EPS = 1e-6
 # CogVideoX's "safe" conv splits inputs above 2 GiB worth of bf16/fp16 elements (2**30 elements) along
 # time, which keeps cuDNN within its 32-bit indexing limits for large clips.
 SAFE_CONV_MAX_ELEMENTS = 2**30
+
+
+def temporal_chunks(length: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """[start, end) of the temporal chunks diffusers uses: the first takes `chunk` plus the remainder.
+
+    With `chunk` a multiple of the temporal compression and a valid length (1 + 4k), the first chunk
+    holds 1 + 4j frames (9 or 13 for 8-frame chunks), every later one exactly `chunk`.
+    """
+    num_chunks = max(length // chunk, 1)
+    remainder = length % chunk
+    start = 0
+    for index in range(num_chunks):
+        end = min(chunk * (index + 1) + remainder, length)
+        yield start, end
+        start = end
+
+
+class CausalCache:
+    """What one temporal chunk passes to the next: every causal conv's last `kernel_t - 1` input frames.
+
+    Chunk 0 gets `CausalCache()`, chunk i + 1 gets `cache.next_chunk()` of chunk i's cache. A conv reads
+    the frames stored by the previous chunk and stores its own into a fresh dict, so re-running a chunk
+    (as gradient checkpointing does in the backward) reads and changes nothing that another chunk sees.
+    """
+
+    def __init__(self, previous: dict[nn.Module, torch.Tensor] | None = None, *, first_chunk: bool = True):
+        self.first_chunk = first_chunk  # the chunk holds the clip's first frame (kept apart in time)
+        self._previous = previous or {}
+        self._current: dict[nn.Module, torch.Tensor] = {}
+
+    def past_frames(self, conv: nn.Module) -> torch.Tensor | None:
+        """The frames `conv` stored in the previous chunk; None in the first chunk."""
+        return self._previous.get(conv)
+
+    def store(self, conv: nn.Module, frames: torch.Tensor) -> None:
+        # a copy, so the chunk's full-size input is not kept alive by a slice of it
+        self._current[conv] = frames.clone()
+
+    def next_chunk(self) -> "CausalCache":
+        return CausalCache(dict(self._current), first_chunk=False)
+
+
+def _holds_first_frame(cache: CausalCache | None) -> bool:
+    return cache is None or cache.first_chunk
+
+
+class GroupNorm32(nn.GroupNorm):
+    """`nn.GroupNorm` computed in float32 (statistics over large groups lose too much in bf16), returned
+    in the input's dtype; also with bf16 weights (DeepSpeed's bf16 mode) and under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        # autocast never lowers group_norm's precision (it is on its float32 lists), so fp32 inputs suffice
+        out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
+        return out.to(x.dtype)
 
 
 class SafeConv3d(nn.Conv3d):
@@ -49,7 +109,8 @@ class SafeConv3d(nn.Conv3d):
 
 
 class CausalConv3d(nn.Module):
-    """3D conv that is causal in time: the first frame is repeated `kernel_t - 1` times in front.
+    """3D conv that is causal in time: the first frame is repeated `kernel_t - 1` times in front, or, in
+    a later temporal chunk, the previous chunk's last `kernel_t - 1` input frames (from the cache).
 
     Space is zero-padded by the convolution itself ("same" size for odd kernels). The weights live in
     `.conv` (a `SafeConv3d`), as in diffusers' `CogVideoXCausalConv3d`.
@@ -68,42 +129,47 @@ class CausalConv3d(nn.Module):
             padding=(0, (kernel_h - 1) // 2, (kernel_w - 1) // 2),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.time_pad > 0:
+            past = cache.past_frames(self) if cache is not None else None
+            if past is None:
+                past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
             # (B, C, T, H, W) -> (B, C, T + kernel_t - 1, H, W)
-            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-            x = torch.cat([first, x], dim=2)
+            x = torch.cat([past, x], dim=2)
+            if cache is not None:
+                cache.store(self, x[:, :, -self.time_pad :])
         return self.conv(x)
 
 
 class SpatialNorm3D(nn.Module):
     """GroupNorm modulated by the latent: `norm(f) * conv_y(zq) + conv_b(zq)` (arXiv:2209.09002).
 
-    `zq` is resized (nearest) to `f`'s frames and pixels, with the first frame resized on its own so it
-    only ever conditions the first output frame (the causal first-frame convention).
+    `zq` is resized (nearest) to `f`'s frames and pixels. In the chunk that holds the clip's first frame,
+    that frame is resized on its own so it only ever conditions the first output frame (the causal
+    first-frame convention).
     """
 
-    # diffusers splits off the first frame only when T is odd: it decodes in chunks of 2 latent frames and
-    # takes "odd" to mean "this chunk holds the clip's first frame". A whole clip always holds it, so we
-    # always split. Same numbers whenever the latent has an odd frame count (T = 8k+1 videos); for an even
-    # count (T = 8k+5) diffusers' one-piece decode returns 4n frames, where this returns 4(n-1)+1.
+    # diffusers splits off the first frame when the chunk's frame count is odd, its way of saying "this
+    # chunk holds the first frame": true for its default chunks whenever the latent has an odd frame
+    # count (T = 8k+1 videos). We ask the cache instead, so an even latent count (T = 8k+5) decodes to
+    # 4(t-1)+1 frames, the length that was encoded, where diffusers returns 4t.
 
     def __init__(self, f_channels: int, zq_channels: int, groups: int):
         super().__init__()
-        self.norm_layer = nn.GroupNorm(num_groups=groups, num_channels=f_channels, eps=SPATIAL_NORM_EPS)
+        self.norm_layer = GroupNorm32(num_groups=groups, num_channels=f_channels, eps=SPATIAL_NORM_EPS)
         self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
         self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
 
-    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         frames = f.shape[2]
-        if frames > 1:
+        if frames > 1 and _holds_first_frame(cache):
             # (B, Cz, t, h, w) -> (B, Cz, 1, H, W) ++ (B, Cz, T - 1, H, W)
             first = F.interpolate(zq[:, :, :1], size=(1, *f.shape[-2:]))
             rest = F.interpolate(zq[:, :, 1:], size=(frames - 1, *f.shape[-2:]))
             zq = torch.cat([first, rest], dim=2)
         else:
             zq = F.interpolate(zq, size=f.shape[-3:])
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        return self.norm_layer(f) * self.conv_y(zq, cache) + self.conv_b(zq, cache)
 
 
 class ResnetBlock3D(nn.Module):
@@ -124,8 +190,8 @@ class ResnetBlock3D(nn.Module):
     ):
         super().__init__()
         if spatial_norm_dim is None:
-            self.norm1 = nn.GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps)
-            self.norm2 = nn.GroupNorm(num_groups=groups, num_channels=out_channels, eps=eps)
+            self.norm1 = GroupNorm32(num_groups=groups, num_channels=in_channels, eps=eps)
+            self.norm2 = GroupNorm32(num_groups=groups, num_channels=out_channels, eps=eps)
         else:
             self.norm1 = SpatialNorm3D(in_channels, spatial_norm_dim, groups=groups)
             self.norm2 = SpatialNorm3D(out_channels, spatial_norm_dim, groups=groups)
@@ -137,12 +203,16 @@ class ResnetBlock3D(nn.Module):
             SafeConv3d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
         )
 
-    def _norm(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
-        return norm(x) if zq is None else norm(x, zq)
+    def _norm(
+        self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, cache: CausalCache | None
+    ) -> torch.Tensor:
+        return norm(x) if zq is None else norm(x, zq, cache)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self._norm(self.norm1, x, zq)))
-        h = self.conv2(self.dropout(self.nonlinearity(self._norm(self.norm2, h, zq))))
+    def forward(
+        self, x: torch.Tensor, zq: torch.Tensor | None = None, cache: CausalCache | None = None
+    ) -> torch.Tensor:
+        h = self.conv1(self.nonlinearity(self._norm(self.norm1, x, zq, cache)), cache)
+        h = self.conv2(self.dropout(self.nonlinearity(self._norm(self.norm2, h, zq, cache))), cache)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -150,18 +220,18 @@ class ResnetBlock3D(nn.Module):
 
 class Downsample3D(nn.Module):
     """Halve H and W with a stride-2 3x3 conv per frame; with `compress_time`, first halve T by averaging
-    frame pairs while the first frame of an odd-length clip is kept as is (T = 2k+1 -> k+1)."""
+    frame pairs, keeping the clip's first frame as is (T = 2k+1 -> k+1; a later chunk: 2k -> k)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, compress_time: bool):
         super().__init__()
         self.compress_time = compress_time
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.compress_time and x.shape[2] > 1:
-            # a valid clip (1 + 4k frames) has an odd frame count at every level; the even case is what
-            # diffusers does for its later chunks, which hold no first frame
-            if x.shape[2] % 2 == 1:
+            # the chunk with the first frame has 1 + 2k frames at every level, later chunks 2k (diffusers
+            # tells the two apart by parity, which agrees for valid clips and chunk sizes)
+            if _holds_first_frame(cache):
                 # (B, C, 2k+1, H, W) -> (B, C, k+1, H, W)
                 pooled = reduce(x[:, :, 1:], "b c (t pair) h w -> b c t h w", "mean", pair=2)
                 x = torch.cat([x[:, :, :1], pooled], dim=2)
@@ -177,16 +247,20 @@ class Downsample3D(nn.Module):
 
 class Upsample3D(nn.Module):
     """Double H and W (nearest) and apply a 3x3 conv per frame; with `compress_time`, also double T while
-    the first frame stays single (T = k+1 -> 2k+1; see SpatialNorm3D on how this differs from diffusers)."""
+    the clip's first frame stays single (T = k+1 -> 2k+1; a later chunk: k -> 2k; see SpatialNorm3D on
+    how this differs from diffusers for an even latent count)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, compress_time: bool):
         super().__init__()
         self.compress_time = compress_time
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         frames = x.shape[2]
-        if self.compress_time and frames > 1:
+        if self.compress_time and not _holds_first_frame(cache):
+            # (B, C, k, H, W) -> (B, C, 2k, 2H, 2W)
+            x = F.interpolate(x, scale_factor=2.0)
+        elif self.compress_time and frames > 1:
             # (B, C, k+1, H, W) -> (B, C, 1 + 2k, 2H, 2W)
             first = F.interpolate(x[:, :, :1], scale_factor=(1.0, 2.0, 2.0))
             rest = F.interpolate(x[:, :, 1:], scale_factor=2.0)
@@ -227,11 +301,11 @@ class DownBlock3D(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, None, cache)
         for downsampler in self.downsamplers or ():
-            x = downsampler(x)
+            x = downsampler(x, cache)
         return x
 
 
@@ -256,9 +330,11 @@ class MidBlock3D(nn.Module):
             for _ in range(num_layers)
         )
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, zq: torch.Tensor | None = None, cache: CausalCache | None = None
+    ) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x, zq)
+            x = resnet(x, zq, cache)
         return x
 
 
@@ -296,9 +372,9 @@ class UpBlock3D(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, zq: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x, zq)
+            x = resnet(x, zq, cache)
         for upsampler in self.upsamplers or ():
-            x = upsampler(x)
+            x = upsampler(x, cache)
         return x
