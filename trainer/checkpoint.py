@@ -21,6 +21,10 @@ from trainer.distributed import barrier
 
 log = logging.getLogger("trainer")
 
+# The autoencoder's architecture (AutoencoderConfig as JSON), written into every run directory so that
+# export and the tools can rebuild it from a checkpoint alone.
+AUTOENCODER_CONFIG_NAME = "autoencoder.json"
+
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"

@@ -12,7 +12,7 @@ import torch
 
 from models import AutoencoderConfig
 from models.convert import save_diffusers_folder
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import AUTOENCODER_CONFIG_NAME, Checkpointer
 
 log = logging.getLogger("trainer")
 
@@ -49,8 +49,6 @@ def export_autoencoder(
     checkpoint: str | Path, output: str | Path, *, scaling_factor: float | None = None
 ) -> Path:
     """Write the checkpoint's autoencoder as a diffusers AutoencoderKLCogVideoX folder; returns the folder."""
-    from trainer.trainer import AUTOENCODER_CONFIG_NAME
-
     run_dir, root, tag = find_checkpoint(checkpoint)
     architecture_file = run_dir / AUTOENCODER_CONFIG_NAME
     if not architecture_file.is_file():

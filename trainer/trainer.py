@@ -19,7 +19,7 @@ from data import SkippedSamples, build_dataloader, build_video_dataset, ensure_d
 from models import CausalVideoAutoencoder, build_autoencoder, build_discriminator
 from models.convert import load_diffusers_folder
 from trainer.build import build_loss
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import AUTOENCODER_CONFIG_NAME, Checkpointer
 from trainer.config import ConfigError, RunConfig, save_config
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from trainer.engines import build_engines, restore_fp32_weights
@@ -27,9 +27,6 @@ from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
 from trainer.step import AdversarialStep
 
 log = logging.getLogger("trainer")
-
-# The autoencoder's architecture (AutoencoderConfig as JSON), written into every run directory.
-AUTOENCODER_CONFIG_NAME = "autoencoder.json"
 
 # Names under which the step's metrics reach TensorBoard.
 _METRIC_NAMES = {
