@@ -24,6 +24,7 @@ class VideoLoss(nn.Module):
         perceptual_weight: float = 1.0,
         perceptual_frames: int = 1,
         kl_weight: float = 1e-6,
+        quantizer_aux_loss_weight: float = 1.0,
         adversarial_weight: float = 0.1,
         disc_start: int = 0,
         lpips: nn.Module | None = None,
@@ -39,6 +40,7 @@ class VideoLoss(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.perceptual_frames = perceptual_frames
         self.kl_weight = kl_weight
+        self.quantizer_aux_loss_weight = quantizer_aux_loss_weight
         self.adversarial_weight = adversarial_weight
         self.disc_start = disc_start
         self.lpips = lpips

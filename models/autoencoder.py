@@ -1,4 +1,8 @@
-"""CogVideoX-style causal video autoencoder (KL-regularised), state-dict compatible with diffusers.
+"""CogVideoX-style causal video autoencoder, state-dict compatible with diffusers.
+
+The latent is regularised by a KL term (a diagonal Gaussian posterior, the default and diffusers' format)
+or quantized by FSQ or LFQ (`AutoencoderConfig.regularizer`; the quantizers have no parameters, so only
+the encoder's conv_out differs: it outputs the latent instead of mean and log-variance).
 
 `CausalVideoAutoencoder(config).state_dict()` has the same keys and shapes as diffusers'
 `AutoencoderKLCogVideoX` built with the same sizes, and loads its weights with `strict=True`
@@ -23,8 +27,8 @@ blended with linear ramps, for inference on frames far larger than the training 
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 from einops import reduce
@@ -42,8 +46,10 @@ from models.layers import (
     UpBlock3D,
     temporal_chunks,
 )
+from models.quantizers import FSQ_RECOMMENDED_LEVELS, Quantizer, QuantizerOutput, build_quantizer
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+REGULARIZERS = ("kl", "fsq", "lfq")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,6 +71,11 @@ class AutoencoderConfig:
     # num_latent_frames_batch_size): part of the model's definition, since GroupNorm statistics are per chunk
     encode_frame_chunk: int = 8
     decode_latent_chunk: int = 2
+    # The latent's regulariser: "kl" (a diagonal Gaussian posterior, diffusers' format) or a quantizer
+    # ("fsq", "lfq"), whose constructor arguments are `quantizer` (see models.quantizers); with a quantizer
+    # the encoder outputs `latent_channels` channels, which must equal the quantizer's dim.
+    regularizer: Literal["kl", "fsq", "lfq"] = "kl"
+    quantizer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)  # JSON gives lists
@@ -109,6 +120,52 @@ class AutoencoderConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_regularizer()
+
+    def _check_regularizer(self) -> None:
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        if not isinstance(self.quantizer, dict):
+            raise ValueError(f"quantizer must be a dict of quantizer arguments, got {self.quantizer!r}")
+        if self.regularizer == "kl":
+            if self.quantizer:
+                raise ValueError(
+                    f"quantizer arguments {self.quantizer} given with regularizer='kl': set regularizer to "
+                    "'fsq' or 'lfq', or drop them"
+                )
+            return
+        self.build_quantizer()  # raises on unknown or bad arguments
+
+    def quantizer_arguments(self) -> dict[str, Any]:
+        """Constructor arguments of the quantizer: `quantizer`, with its dim taken from latent_channels."""
+        args = dict(self.quantizer)
+        channels = self.latent_channels
+        if self.regularizer == "lfq":
+            args.setdefault("dim", channels)
+            if args["dim"] != channels:
+                raise ValueError(
+                    f"LFQ dim={args['dim']} must equal latent_channels={channels} (one bit per latent "
+                    f"channel): drop quantizer.dim or set latent_channels to {args['dim']}"
+                )
+        elif self.regularizer == "fsq":
+            if "levels" not in args:
+                by_dim = {len(levels): levels for levels in FSQ_RECOMMENDED_LEVELS.values()}
+                if channels not in by_dim:
+                    raise ValueError(
+                        f"regularizer='fsq' with latent_channels={channels} needs quantizer.levels, a list of "
+                        f"{channels} levels (values per channel); recommended sets by codebook size: "
+                        f"{FSQ_RECOMMENDED_LEVELS}"
+                    )
+                args["levels"] = by_dim[channels]
+            if not isinstance(args["levels"], Sequence) or len(args["levels"]) != channels:
+                raise ValueError(
+                    f"FSQ levels {args['levels']!r} must have one entry per latent channel "
+                    f"(latent_channels={channels})"
+                )
+        return args
+
+    def build_quantizer(self) -> Quantizer:
+        return build_quantizer(self.regularizer, **self.quantizer_arguments())
 
     @property
     def spatial_compression(self) -> int:
@@ -116,14 +173,19 @@ class AutoencoderConfig:
 
 
 class AutoencoderOutput(NamedTuple):
-    """What `CausalVideoAutoencoder.forward` returns (tensors only, so DeepSpeed can wrap the module).
+    """What `CausalVideoAutoencoder.forward` returns (tensors, None and a dict of tensors: DeepSpeed wraps it).
 
-    recon: (B, C, T, H, W), exactly the output of `last_layer`; mean, logvar: (B, latent, t, h, w).
+    recon: (B, C, T, H, W), exactly the output of `last_layer`. mean: (B, latent, t, h, w), the posterior
+    mean (KL) or the encoder's latent before quantization; logvar: the posterior log-variance, None with a
+    quantizer. aux_loss: the quantizer's auxiliary loss (fp32 scalar, 0 for KL); metrics: the quantizer's
+    detached scalars (codebook usage, perplexity, entropies), empty for KL.
     """
 
     recon: torch.Tensor
     mean: torch.Tensor
-    logvar: torch.Tensor
+    logvar: torch.Tensor | None
+    aux_loss: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] | None = None
 
 
 class DiagonalGaussian:
@@ -155,6 +217,29 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(posterior || N(0, I)) summed over all non-batch dims -> (B,), computed in float32."""
         return 0.5 * reduce(self.mean.square() + self.logvar.exp() - 1.0 - self.logvar, "b ... -> b", "sum")
+
+
+class QuantizedLatent:
+    """The quantized latent of an FSQ/LFQ autoencoder, with the interface of `DiagonalGaussian` that the
+    tools use (`sample()` and `mode()` are the quantized latent) plus the indices and the auxiliary loss.
+
+    mean: the encoder's latent before quantization (float32); logvar: None.
+    """
+
+    logvar = None
+
+    def __init__(self, latent: torch.Tensor, output: QuantizerOutput):
+        self.mean = latent.float()
+        self.quantized = output.quantized
+        self.indices = output.indices
+        self.aux_loss = output.aux_loss
+        self.metrics = output.metrics
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.quantized
+
+    def mode(self) -> torch.Tensor:
+        return self.quantized
 
 
 def _maybe_checkpoint(
@@ -202,7 +287,9 @@ class Encoder3D(nn.Module):
         )
         self.norm_out = GroupNorm32(config.norm_num_groups, widths[-1], eps=SPATIAL_NORM_EPS)
         self.conv_act = nn.SiLU()
-        self.conv_out = CausalConv3d(widths[-1], 2 * config.latent_channels, kernel_size=3)
+        # KL: mean and log-variance per latent channel; a quantizer: the latent itself
+        out_channels = config.latent_channels * (2 if config.regularizer == "kl" else 1)
+        self.conv_out = CausalConv3d(widths[-1], out_channels, kernel_size=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = CausalCache()
@@ -302,6 +389,8 @@ class CausalVideoAutoencoder(nn.Module):
         self.temporal_compression = config.temporal_compression_ratio
         self.encoder = Encoder3D(config)
         self.decoder = Decoder3D(config)
+        # no parameters or persistent buffers: the state dict is the same with or without it
+        self.quantizer = None if config.regularizer == "kl" else config.build_quantizer()
 
     @property
     def last_layer(self) -> nn.Conv3d:
@@ -336,10 +425,11 @@ class CausalVideoAutoencoder(nn.Module):
             width // self.spatial_compression,
         )
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Video (B, C, T, H, W) -> posterior over latents (B, latent, 1 + (T-1)/4, H/8, W/8), float32."""
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | QuantizedLatent:
+        """Video (B, C, T, H, W) -> posterior over latents (B, latent, 1 + (T-1)/4, H/8, W/8), float32
+        (KL), or the quantized latent (FSQ/LFQ)."""
         self._check_video_shape(tuple(x.shape))
-        return DiagonalGaussian.from_moments(self.encoder(x))
+        return self._latent(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent (B, latent, t, h, w) -> video (B, C, 1 + 4(t-1), 8h, 8w), in the decoder's dtype."""
@@ -351,12 +441,13 @@ class CausalVideoAutoencoder(nn.Module):
         x: torch.Tensor,
         tile_size: int | tuple[int, int] = 256,
         tile_overlap: int | tuple[int, int] = 64,
-    ) -> DiagonalGaussian:
+    ) -> DiagonalGaussian | QuantizedLatent:
         """`encode` over overlapping spatial tiles of `tile_size` pixels (H, W), blended over `tile_overlap`
-        pixels' worth of latents; for inference (no_grad). Memory per tile and temporal chunk."""
+        pixels' worth of latents (before quantization); for inference (no_grad). Memory per tile and
+        temporal chunk."""
         self._check_video_shape(tuple(x.shape))
         moments = self._tiled(self.encoder, x, tile_size, tile_overlap, in_scale=self.spatial_compression)
-        return DiagonalGaussian.from_moments(moments)
+        return self._latent(moments)
 
     @torch.no_grad()
     def tiled_decode(
@@ -388,10 +479,20 @@ class CausalVideoAutoencoder(nn.Module):
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> AutoencoderOutput:
-        """Encode, sample the posterior (or take its mean), decode."""
+        """Encode, sample the posterior (or take its mean) or quantize, decode."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return AutoencoderOutput(recon=self.decode(z), mean=posterior.mean, logvar=posterior.logvar)
+        recon = self.decode(z)
+        if isinstance(posterior, QuantizedLatent):
+            return AutoencoderOutput(recon, posterior.mean, None, posterior.aux_loss, posterior.metrics)
+        return AutoencoderOutput(
+            recon, posterior.mean, posterior.logvar, recon.new_zeros((), dtype=torch.float32), {}
+        )
+
+    def _latent(self, encoder_output: torch.Tensor) -> DiagonalGaussian | QuantizedLatent:
+        if self.quantizer is None:
+            return DiagonalGaussian.from_moments(encoder_output)
+        return QuantizedLatent(encoder_output, self.quantizer(encoder_output))
 
     def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 5 or z.shape[1] != self.config.latent_channels:

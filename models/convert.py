@@ -43,7 +43,13 @@ _REQUIRED = {"act_fn": "silu", "use_quant_conv": False, "use_post_quant_conv": F
 
 
 def diffusers_config(config: AutoencoderConfig, scaling_factor: float | None = None) -> dict[str, Any]:
-    """The diffusers `config.json` content describing `config`."""
+    """The diffusers `config.json` content describing `config` (a KL autoencoder)."""
+    if config.regularizer != "kl":
+        raise ValueError(
+            f"an autoencoder with regularizer={config.regularizer!r} has no diffusers equivalent "
+            "(AutoencoderKLCogVideoX is KL only: its encoder outputs mean and log-variance); train with "
+            "model.regularizer='kl' to export to diffusers, or load the run's checkpoint with this project"
+        )
     levels = len(config.block_out_channels)
     return {
         "_class_name": DIFFUSERS_CLASS,
@@ -142,6 +148,7 @@ def save_diffusers_folder(
     """Write config.json + safetensors weights that diffusers' AutoencoderKLCogVideoX.from_pretrained loads."""
     from safetensors.torch import save_file
 
+    config_json = diffusers_config(config, scaling_factor)  # refuses what diffusers cannot load, first
     with torch.device("meta"):  # keys and shapes only, no memory
         expected = CausalVideoAutoencoder(config).state_dict()
     _check_keys_and_shapes(expected, state_dict, source="the state dict to export")
@@ -151,6 +158,6 @@ def save_diffusers_folder(
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / WEIGHTS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(config, scaling_factor), indent=2) + "\n")
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
     log.info("wrote diffusers AutoencoderKLCogVideoX folder %s (%d tensors)", folder, len(tensors))
     return folder

@@ -21,6 +21,7 @@ def build_loss(config: LossConfig) -> VideoLoss:
         perceptual_weight=config.perceptual_weight,
         perceptual_frames=config.perceptual_frames,
         kl_weight=config.kl_weight,
+        quantizer_aux_loss_weight=config.quantizer_aux_loss_weight,
         adversarial_weight=config.adversarial_weight,
         disc_start=config.disc_start,
         lpips=lpips,

@@ -116,9 +116,41 @@ class ModelConfig:
     # weights and takes its architecture from its config.json (model.preset is then not used).
     init_from: str | None = None
     gradient_checkpointing: bool = False
+    # The latent's regulariser: "kl" (diffusers' format), or the "fsq" / "lfq" quantizer with constructor
+    # arguments `quantizer` (e.g. {"levels": [8, 5, 5, 5]} for FSQ; LFQ takes its dim from latent_channels).
+    regularizer: Literal["kl", "fsq", "lfq"] = "kl"
+    quantizer: dict[str, Any] = field(default_factory=dict)
+    # Override the preset's latent width (a quantizer's dim must equal it); None keeps the preset's.
+    latent_channels: int | None = None
+    # Temporal chunks of encode and decode (part of the model's definition: GroupNorm is per chunk);
+    # None keeps the preset's (diffusers' 8 frames and 2 latents).
+    encode_frame_chunk: int | None = None
+    decode_latent_chunk: int | None = None
 
     def __post_init__(self) -> None:
         _require_choice("model.preset", self.preset, AUTOENCODER_PRESETS)
+        if self.init_from:
+            fixed = [name for name in ("latent_channels",) if getattr(self, name) is not None]
+            _require(
+                self.regularizer == "kl" and not self.quantizer and not fixed,
+                "model.init_from loads a diffusers AutoencoderKLCogVideoX (KL, its own latent width): "
+                "drop model.regularizer/quantizer/latent_channels, or start from a preset",
+            )
+            return
+        try:  # the architecture is checked now, not when the model is built after the ranks start
+            dataclasses.replace(AUTOENCODER_PRESETS[self.preset], **self.autoencoder_overrides())
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+
+    def autoencoder_overrides(self) -> dict[str, Any]:
+        """The AutoencoderConfig fields this section sets on top of the preset (or the init_from folder)."""
+        overrides: dict[str, Any] = {"gradient_checkpointing": self.gradient_checkpointing}
+        for name in ("latent_channels", "encode_frame_chunk", "decode_latent_chunk"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
+        if not self.init_from:
+            overrides.update(regularizer=self.regularizer, quantizer=dict(self.quantizer))
+        return overrides
 
 
 @dataclass(kw_only=True, slots=True)
@@ -152,6 +184,8 @@ class LossConfig:
     perceptual_frames: int = 1
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
     kl_weight: float = 1e-6
+    # weight of the quantizer's auxiliary loss (LFQ: entropy + commitment terms; FSQ has none)
+    quantizer_aux_loss_weight: float = 1.0
     adversarial_weight: float = 0.1
     disc_start: int = 0
     adaptive_weight: bool = True
@@ -159,7 +193,7 @@ class LossConfig:
     adaptive_weight_max: float = 1e4
 
     def __post_init__(self) -> None:
-        for name in ("perceptual_weight", "kl_weight", "adversarial_weight"):
+        for name in ("perceptual_weight", "kl_weight", "quantizer_aux_loss_weight", "adversarial_weight"):
             value = getattr(self, name)
             _require(value >= 0, f"loss.{name} must be >= 0, got {value}")
         _require(
@@ -327,6 +361,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be a JSON object, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")

@@ -79,7 +79,14 @@ class AdversarialStep:
         y = recon.detach().float().requires_grad_()
         real = video.float()
         nll, metrics = self.loss.nll_loss(real, y)
-        kl = self.loss.kl_loss(out.mean.float(), out.logvar.float())
+        # KL for a Gaussian posterior; a quantizer's auxiliary loss (LFQ entropy + commitment) instead
+        if out.logvar is None:
+            kl = torch.zeros((), device=y.device)
+        else:
+            kl = self.loss.kl_loss(out.mean.float(), out.logvar.float())
+        aux = out.aux_loss.float() if out.aux_loss is not None else torch.zeros((), device=y.device)
+        # terms whose gradient reaches the encoder directly, not through the reconstruction
+        latent_loss = self.loss.kl_weight * kl + self.loss.quantizer_aux_loss_weight * aux
         (grad_nll,) = torch.autograd.grad(nll, y)
 
         g_adv = torch.zeros((), device=y.device)
@@ -103,10 +110,10 @@ class AdversarialStep:
             weight = weight * self.loss.adversarial_weight
             grad_y = grad_nll + weight * grad_adv
 
-        total = nll.detach() + self.loss.kl_weight * kl.detach() + weight * g_adv.detach()
+        total = nll.detach() + latent_loss.detach() + weight * g_adv.detach()
         self._check_finite(total, "generator")
         # d(surrogate)/d(recon) = grad_y: the generator gradient without a second decoder backward.
-        surrogate = (recon.float() * grad_y).sum() + self.loss.kl_weight * kl
+        surrogate = (recon.float() * grad_y).sum() + latent_loss
         self.g_engine.backward(surrogate)
         self.g_engine.step()
 
@@ -115,10 +122,20 @@ class AdversarialStep:
                 "total": total,
                 "nll": nll.detach(),
                 "kl": kl.detach(),
+                "quantizer_aux": aux.detach(),
+                **{
+                    f"quantizer/{name}": value.detach().float() for name, value in (out.metrics or {}).items()
+                },
                 "generator_adversarial": g_adv.detach(),
                 "adaptive_weight": weight.detach(),
             }
         )
+        if out.logvar is None:  # a quantized latent: its auxiliary loss and codebook statistics
+            metrics["quantizer_aux"] = aux.detach()
+            metrics.update(
+                {f"quantizer/{name}": value.float() for name, value in (out.metrics or {}).items()}
+            )
+            del metrics["kl"]
         return metrics, recon.detach()
 
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:

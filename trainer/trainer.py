@@ -28,11 +28,12 @@ from trainer.step import AdversarialStep
 
 log = logging.getLogger("trainer")
 
-# Names under which the step's metrics reach TensorBoard.
+# Names under which the step's metrics reach TensorBoard (others, like quantizer/*, keep their own).
 _METRIC_NAMES = {
     "rec": "loss/rec",
     "perceptual": "loss/perceptual",
     "kl": "loss/kl",
+    "quantizer_aux": "loss/quantizer_aux",
     "nll": "loss/nll",
     "generator_adversarial": "loss/generator_adversarial",
     "total": "loss/generator_total",
@@ -125,16 +126,12 @@ class Trainer:
         model_cfg = self.config.model
         if model_cfg.init_from:
             try:
-                autoencoder = load_diffusers_folder(
-                    model_cfg.init_from, gradient_checkpointing=model_cfg.gradient_checkpointing
-                )
+                autoencoder = load_diffusers_folder(model_cfg.init_from, **model_cfg.autoencoder_overrides())
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"model.init_from={model_cfg.init_from!r}: {err}") from err
             log.info("autoencoder weights and architecture from %s", model_cfg.init_from)
         else:
-            autoencoder = build_autoencoder(
-                model_cfg.preset, gradient_checkpointing=model_cfg.gradient_checkpointing
-            )
+            autoencoder = build_autoencoder(model_cfg.preset, **model_cfg.autoencoder_overrides())
         if self.dist.is_main:
             # What export and the tools need to rebuild the autoencoder without the run config's preset.
             architecture = dataclasses.asdict(autoencoder.config)
@@ -243,7 +240,7 @@ class Trainer:
             metrics, recon = self.step_fn.generator_step(video, self.global_step)
             if self.loss.adversarial_active(self.global_step):
                 metrics.update(self.step_fn.discriminator_step(video, recon))
-            self.accumulator.add({_METRIC_NAMES[k]: v for k, v in metrics.items()})
+            self.accumulator.add({_METRIC_NAMES.get(k, k): v for k, v in metrics.items()})
         elapsed = time.perf_counter() - start
         # Scalars are averaged over ranks when logged, so per-rank values x world size log as totals.
         perf = {
