@@ -97,16 +97,22 @@ class Discriminator3D(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Patch logits; with `return_features`, also each block's output (B, C_i, T_i, H_i, W_i)."""
         if x.ndim != 5 or x.shape[1] != self.stem.in_channels:
             raise ValueError(
                 f"expected a video of shape (B, {self.stem.in_channels}, T, H, W), got {tuple(x.shape)}"
             )
         h = self.stem(x)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        features = []
         for block in self.blocks:
             # non-reentrant only: the reentrant kind gives these blocks no parameter gradients when the
             # input (a real video) does not require grad
             h = checkpoint(block, h, use_reentrant=False) if use_checkpoint else block(h)
+            features.append(h)
         # (B, C, T', H', W') -> (B, 1, T', H', W')
-        return self.head(F.leaky_relu(self.head_norm(h), LEAKY_SLOPE))
+        logits = self.head(F.leaky_relu(self.head_norm(h), LEAKY_SLOPE))
+        return (logits, features) if return_features else logits

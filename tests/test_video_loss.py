@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from losses import LPIPS, LastLayerInput, VideoLoss, adaptive_weight, last_layer_weight_grad
+from losses import LPIPS, LastLayerInput, VideoAutoencoderLoss, adaptive_weight, last_layer_weight_grad
 
 
 def test_reconstruction_l1_and_mse_by_hand():
     inputs = torch.tensor([0.0, 1.0, -1.0, 0.5]).reshape(1, 1, 1, 2, 2)
     recon = torch.tensor([0.5, 0.0, -1.0, 1.0]).reshape(1, 1, 1, 2, 2)
-    l1 = VideoLoss(rec_loss="l1", perceptual_weight=0.0).reconstruction_loss(inputs, recon)
-    mse = VideoLoss(rec_loss="mse", perceptual_weight=0.0).reconstruction_loss(inputs, recon)
+    l1 = VideoAutoencoderLoss(rec_loss="l1", perceptual_weight=0.0).reconstruction_loss(inputs, recon)
+    mse = VideoAutoencoderLoss(rec_loss="mse", perceptual_weight=0.0).reconstruction_loss(inputs, recon)
     assert l1.item() == pytest.approx((0.5 + 1.0 + 0.0 + 0.5) / 4)
     assert mse.item() == pytest.approx((0.25 + 1.0 + 0.0 + 0.25) / 4)
 
@@ -24,7 +24,7 @@ def test_kl_by_hand():
     # 0.5 * (mu^2 + var - 1 - log var) per element, summed per sample, averaged over the batch
     sample0 = 0.5 * (1.0 + 1 - 1 - 0) + 0.5 * (0.0 + 2 - 1 - math.log(2.0))
     sample1 = 0.5 * (0.0 + 1 - 1 - 0) + 0.5 * (4.0 + 1 - 1 - 0)
-    assert VideoLoss.kl_loss(mean, logvar).item() == pytest.approx((sample0 + sample1) / 2)
+    assert VideoAutoencoderLoss.kl_loss(mean, logvar).item() == pytest.approx((sample0 + sample1) / 2)
 
 
 def test_hinge_losses_by_hand():
@@ -32,16 +32,19 @@ def test_hinge_losses_by_hand():
     fake = torch.tensor([-2.0, 0.0, 1.0])
     # relu(1 - real) = [0, 0.5, 2] -> 2.5/3; relu(1 + fake) = [0, 1, 2] -> 1
     expected = 0.5 * (2.5 / 3 + 1.0)
-    assert VideoLoss.discriminator_loss(real, fake).item() == pytest.approx(expected)
-    assert VideoLoss.generator_adversarial_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.0) / 3)
+    loss = VideoAutoencoderLoss(perceptual_weight=0.0)  # hinge is the default GAN loss
+    assert loss.discriminator_loss(real, fake, global_step=0)[0].item() == pytest.approx(expected)
+    assert loss.generator_adversarial_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.0) / 3)
 
 
 def test_adversarial_terms_start_at_disc_start():
-    loss = VideoLoss(perceptual_weight=0.0, adversarial_weight=0.1, disc_start=100)
+    loss = VideoAutoencoderLoss(perceptual_weight=0.0, adversarial_loss_weight=0.1, disc_start=100)
     assert not loss.adversarial_active(0)
     assert not loss.adversarial_active(99)
     assert loss.adversarial_active(100)
-    assert not VideoLoss(perceptual_weight=0.0, adversarial_weight=0.0).adversarial_active(10**6)
+    assert not VideoAutoencoderLoss(perceptual_weight=0.0, adversarial_loss_weight=0.0).adversarial_active(
+        10**6
+    )
 
 
 class FrameRecorder(nn.Module):
@@ -58,26 +61,26 @@ class FrameRecorder(nn.Module):
 
 def test_perceptual_loss_uses_k_distinct_frames_per_clip():
     recorder = FrameRecorder()
-    loss = VideoLoss(perceptual_weight=1.0, perceptual_frames=3, lpips=recorder)
+    loss = VideoAutoencoderLoss(perceptual_weight=1.0, perceptual_frames=3, lpips=recorder)
     # Each frame is filled with its own id: clip b, frame t -> 10*b + t.
     ids = torch.arange(2)[:, None] * 10 + torch.arange(9)[None, :]  # (B=2, T=9)
     inputs = ids[:, None, :, None, None].float().expand(2, 3, 9, 4, 4).contiguous()
     torch.manual_seed(0)
-    loss.perceptual_loss(inputs, torch.zeros_like(inputs))
+    loss.perceptual_terms(inputs, torch.zeros_like(inputs))
     seen = recorder.seen[0].long().reshape(2, 3)  # (B, k)
     for clip in range(2):
         frames = seen[clip].tolist()
         assert len(set(frames)) == 3  # distinct
         assert all(10 * clip <= f < 10 * clip + 9 for f in frames)  # from the same clip
-    everything = VideoLoss(perceptual_weight=1.0, perceptual_frames=0, lpips=FrameRecorder())
-    everything.perceptual_loss(inputs, torch.zeros_like(inputs))
+    everything = VideoAutoencoderLoss(perceptual_weight=1.0, perceptual_frames=0, lpips=FrameRecorder())
+    everything.perceptual_terms(inputs, torch.zeros_like(inputs))
     assert sorted(everything.lpips.seen[0].long().tolist()) == sorted(ids.flatten().tolist())
 
 
 def test_nll_combines_rec_and_weighted_lpips():
     torch.manual_seed(0)
     lpips = LPIPS(pretrained=False)
-    loss = VideoLoss(perceptual_weight=0.5, perceptual_frames=0, lpips=lpips)
+    loss = VideoAutoencoderLoss(perceptual_weight=0.5, perceptual_frames=0, lpips=lpips)
     inputs = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     recon = inputs + 0.1 * torch.randn_like(inputs)
     nll, parts = loss.nll_loss(inputs, recon)
@@ -90,8 +93,8 @@ def test_nll_combines_rec_and_weighted_lpips():
 
 
 def test_perceptual_weight_without_lpips_is_an_error():
-    with pytest.raises(ValueError, match="needs an LPIPS module"):
-        VideoLoss(perceptual_weight=1.0, lpips=None)
+    with pytest.raises(ValueError, match="needs the lpips module"):
+        VideoAutoencoderLoss(perceptual_weight=1.0, lpips=None)
 
 
 def test_adaptive_weight_formula_eps_and_clamp():

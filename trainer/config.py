@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from models import AUTOENCODER_PRESETS, DISCRIMINATOR_PRESETS
+import torch
+
+from models import AUTOENCODER_PRESETS
+from models.discriminator_set import (
+    DISCRIMINATOR_SIZES,
+    DISCRIMINATOR_TYPES,
+    DiscriminatorSet,
+    build_discriminator_set,
+)
 
 
 class ConfigError(ValueError):
@@ -154,14 +162,91 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class DiscriminatorConfig:
-    """The 3D discriminator: a named preset (see models.DISCRIMINATOR_PRESETS)."""
+class DiscriminatorSpec:
+    """One discriminator: its type (see models.DISCRIMINATOR_TYPES), loss weight, width and overrides."""
 
-    preset: str = "default"
-    gradient_checkpointing: bool = True
+    type: str = "3d"
+    weight: float = 1.0
+    # "tiny" or "default" widths; None takes discriminator.preset
+    size: str | None = None
+    # the output key in logs and checkpoints; None: the type (give one when a type appears twice)
+    name: str | None = None
+    # constructor arguments of the discriminator's class, on top of its size's
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require_choice("discriminator.preset", self.preset, DISCRIMINATOR_PRESETS)
+        _require_choice("discriminator.discriminators[].type", self.type, DISCRIMINATOR_TYPES)
+        _require(self.weight >= 0, f"discriminator weight must be >= 0, got {self.weight}")
+        if self.size is not None:
+            _require_choice("discriminator.discriminators[].size", self.size, DISCRIMINATOR_SIZES[self.type])
+
+
+@dataclass(kw_only=True, slots=True)
+class DiscriminatorConfig:
+    """The discriminators, any combination with a weight each, trained together in one engine."""
+
+    # widths of every discriminator without its own `size`: "tiny" (CPU tests, demos) or "default"
+    preset: str = "default"
+    gradient_checkpointing: bool = True
+    discriminators: list[DiscriminatorSpec] = field(default_factory=lambda: [DiscriminatorSpec()])
+    # frames per clip the 2D discriminators judge (random, distinct); 0: every frame
+    image_frames: int = 1
+    # extra scales for the 2D discriminators (frames average-pooled by each factor), weighted by
+    # loss.multiscale_adversarial_loss_weight
+    multiscale_factors: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require_choice("discriminator.preset", self.preset, DISCRIMINATOR_SIZES["3d"])
+        _require(
+            bool(self.discriminators), "discriminator.discriminators must name at least one discriminator"
+        )
+        _require(self.image_frames >= 0, f"discriminator.image_frames must be >= 0, got {self.image_frames}")
+        _require(
+            all(f >= 2 for f in self.multiscale_factors),
+            f"discriminator.multiscale_factors must be integers >= 2, got {self.multiscale_factors}",
+        )
+        try:  # unknown options, duplicate names: found now, on the meta device (no memory)
+            with torch.device("meta"):
+                self.build()
+        except ValueError as err:
+            raise ConfigError(f"discriminator: {err}") from None
+
+    def specs(self) -> list[dict[str, Any]]:
+        specs = []
+        for spec in self.discriminators:
+            entry = {
+                "type": spec.type,
+                "weight": spec.weight,
+                "size": spec.size or self.preset,
+                "options": dict(spec.options),
+            }
+            if spec.name is not None:
+                entry["name"] = spec.name
+            specs.append(entry)
+        return specs
+
+    def build(self) -> DiscriminatorSet:
+        return build_discriminator_set(
+            self.specs(),
+            gradient_checkpointing=self.gradient_checkpointing,
+            image_frames=self.image_frames,
+            multiscale_factors=tuple(self.multiscale_factors),
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class VGGLossConfig:
+    """The VGG19 perceptual and Gram style losses: layers with their weights, distances, weights file."""
+
+    layers: dict[str, float] = field(
+        default_factory=lambda: {"conv1_2": 1.0, "conv2_2": 0.75, "conv3_4": 0.5, "conv4_4": 0.25}
+    )
+    distance: Literal["l1", "l2", "cosine"] = "l1"
+    style_distance: Literal["l1", "l2"] = "l1"
+    pretrained: bool = True
+    # torchvision's vgg19-dcbb9e9d.pth; else the torch hub cache, else the download
+    weights_path: str | None = None
+    download: bool = True
 
 
 @dataclass(kw_only=True, slots=True)
@@ -176,38 +261,74 @@ class LPIPSConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
-    """The perceptual-adversarial objective (DESIGN.md decision 2 for the adaptive weight)."""
+    """The perceptual-adversarial objective (losses.VideoAutoencoderLoss; DESIGN.md decision 2)."""
 
     rec_loss: Literal["l1", "mse"] = "l1"
-    perceptual_weight: float = 1.0
-    # LPIPS is computed on this many randomly picked frames per clip; 0 means every frame.
+    # learned scalar log-variance: rec / exp(logvar) + logvar, trained with the autoencoder
+    learn_logvar: bool = False
+    logvar_init: float = 0.0
+    perceptual_weight: float = 1.0  # LPIPS
+    # LPIPS, VGG and style losses are computed on this many random frames per clip; 0 means every frame.
     perceptual_frames: int = 1
     lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    vgg_perceptual_weight: float = 0.0
+    style_weight: float = 0.0
+    vgg: VGGLossConfig = field(default_factory=VGGLossConfig)
     kl_weight: float = 1e-6
     # weight of the quantizer's auxiliary loss (LFQ: entropy + commitment terms; FSQ has none)
     quantizer_aux_loss_weight: float = 1.0
-    adversarial_weight: float = 0.1
+    # the generator's adversarial weight (times the adaptive weight); 0 turns the GAN off
+    adversarial_loss_weight: float = 0.1
+    multiscale_adversarial_loss_weight: float = 0.0
+    gan_loss: Literal["hinge", "vanilla", "non_saturating"] = "hinge"
+    feature_matching_weight: float = 0.0
+    # the adversarial terms (generator and discriminator) start here; the generator's weight then ramps
+    # up linearly over adversarial_warmup_steps
     disc_start: int = 0
+    adversarial_warmup_steps: int = 0
     adaptive_weight: bool = True
     adaptive_weight_eps: float = 1e-4
+    adaptive_weight_min: float = 0.0
     adaptive_weight_max: float = 1e4
+    # R1 on real clips: center 0 (zero-centred, default) or 1; applied every N steps, scaled by N
+    grad_penalty_loss_weight: float = 0.0
+    grad_penalty_center: Literal[0, 1] = 0
+    grad_penalty_every: int = 1
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.99
 
     def __post_init__(self) -> None:
-        for name in ("perceptual_weight", "kl_weight", "quantizer_aux_loss_weight", "adversarial_weight"):
+        for name in (
+            "perceptual_weight",
+            "vgg_perceptual_weight",
+            "style_weight",
+            "kl_weight",
+            "quantizer_aux_loss_weight",
+            "adversarial_loss_weight",
+            "multiscale_adversarial_loss_weight",
+            "feature_matching_weight",
+            "grad_penalty_loss_weight",
+            "lecam_weight",
+            "adaptive_weight_min",
+        ):
             value = getattr(self, name)
             _require(value >= 0, f"loss.{name} must be >= 0, got {value}")
-        _require(
-            self.perceptual_frames >= 0, f"loss.perceptual_frames must be >= 0, got {self.perceptual_frames}"
-        )
-        _require(self.disc_start >= 0, f"loss.disc_start must be >= 0, got {self.disc_start}")
+        for name in ("perceptual_frames", "disc_start", "adversarial_warmup_steps"):
+            value = getattr(self, name)
+            _require(value >= 0, f"loss.{name} must be >= 0, got {value}")
         _require(
             self.adaptive_weight_eps > 0,
             f"loss.adaptive_weight_eps must be > 0, got {self.adaptive_weight_eps}",
         )
         _require(
-            self.adaptive_weight_max > 0,
-            f"loss.adaptive_weight_max must be > 0, got {self.adaptive_weight_max}",
+            self.adaptive_weight_max >= max(self.adaptive_weight_min, 1e-12),
+            f"loss.adaptive_weight_max must be > 0 and >= adaptive_weight_min, got {self.adaptive_weight_max}",
         )
+        _require(
+            self.grad_penalty_every >= 1,
+            f"loss.grad_penalty_every must be >= 1 (1: every step), got {self.grad_penalty_every}",
+        )
+        _require(0 <= self.lecam_decay < 1, f"loss.lecam_decay must be in [0, 1), got {self.lecam_decay}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -10,6 +10,19 @@ from torch import nn
 from trainer.config import OptimizerConfig, RunConfig
 
 
+class GeneratorModule(nn.Module):
+    """What the generator engine trains when the loss learns a log-variance: the autoencoder and that
+    scalar. State-dict keys `autoencoder.*` and `loss_logvar.logvar` (export keeps the former)."""
+
+    def __init__(self, autoencoder: nn.Module, loss_logvar: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.loss_logvar = loss_logvar
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.autoencoder(*args, **kwargs)
+
+
 def deepspeed_config(config: RunConfig, optim: OptimizerConfig) -> dict[str, Any]:
     """The DeepSpeed config of one engine; both engines share batch sizes, precision and ZeRO stage."""
     return {

@@ -45,6 +45,15 @@ def consolidated_state_dict(engine_dir: Path, tag: str) -> dict[str, torch.Tenso
     return {key: value.float() for key, value in model_states["module"].items()}
 
 
+def autoencoder_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The autoencoder's entries of a generator engine's state dict (without a learned loss log-variance,
+    whose GeneratorModule prefixes them with `autoencoder.`)."""
+    prefix = "autoencoder."
+    if not any(key.startswith(prefix) for key in state):
+        return state
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
 def export_autoencoder(
     checkpoint: str | Path, output: str | Path, *, scaling_factor: float | None = None
 ) -> Path:
@@ -54,6 +63,6 @@ def export_autoencoder(
     if not architecture_file.is_file():
         raise FileNotFoundError(f"{architecture_file} is missing: it is written by launch/train.py at start")
     config = AutoencoderConfig(**json.loads(architecture_file.read_text()))
-    state = consolidated_state_dict(root / "generator", tag)
+    state = autoencoder_state_dict(consolidated_state_dict(root / "generator", tag))
     log.info("exporting %s/%s (%d tensors) to %s", root, tag, len(state), output)
     return save_diffusers_folder(state, config, output, scaling_factor=scaling_factor)

@@ -14,8 +14,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from losses.adaptive import LastLayerInput, adaptive_weight, last_layer_weight_grad
-from losses.video_loss import VideoLoss
+from losses.adaptive import LastLayerInput, last_layer_weight_grad
+from losses.gan import lazy_penalty_scale
+from losses.video_loss import VideoAutoencoderLoss, as_logits_dict, split_features
 from trainer.distributed import all_ranks_true
 
 
@@ -35,28 +36,23 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def _float_logits(output) -> dict[str, torch.Tensor]:
+    return {key: value.float() for key, value in as_logits_dict(output).items()}
+
+
 class AdversarialStep:
     """The generator step and the discriminator step for one micro-batch."""
 
     def __init__(
-        self,
-        g_engine,
-        d_engine,
-        loss: VideoLoss,
-        *,
-        adaptive: bool = True,
-        adaptive_eps: float = 1e-4,
-        adaptive_max: float = 1e4,
-        sample_posterior: bool = True,
+        self, g_engine, d_engine, loss: VideoAutoencoderLoss, *, sample_posterior: bool = True
     ) -> None:
         self.g_engine = g_engine
         self.d_engine = d_engine
         self.loss = loss
-        self.adaptive = adaptive
-        self.adaptive_eps = adaptive_eps
-        self.adaptive_max = adaptive_max
         self.sample_posterior = sample_posterior
-        self.autoencoder = g_engine.module
+        # The generator engine trains the autoencoder, and the loss's log-variance when it learns one.
+        self.autoencoder = getattr(g_engine.module, "autoencoder", g_engine.module)
+        self.logvar = loss.logvar.logvar if loss.logvar is not None else None
         # The raw discriminator: calling d_engine(...) inside the generator's backward would run the D
         # engine's gradient hooks there and break ZeRO (DESIGN.md decision 1).
         self.discriminator = d_engine.module
@@ -68,8 +64,10 @@ class AdversarialStep:
         self, video: torch.Tensor, global_step: int
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Update the autoencoder; returns its metrics and the detached reconstruction (B, C, T, H, W)."""
-        adversarial = self.loss.adversarial_active(global_step)
-        self.last_layer.capture = adversarial and self.adaptive
+        loss = self.loss
+        adversarial = loss.adversarial_active(global_step)
+        adaptive = adversarial and loss.use_adaptive_weight
+        self.last_layer.capture = adaptive
         out = self.g_engine(video.to(self.g_dtype), sample_posterior=self.sample_posterior)
         self.last_layer.capture = False
         recon = out.recon
@@ -78,80 +76,106 @@ class AdversarialStep:
         # the engine then carries them into the autoencoder.
         y = recon.detach().float().requires_grad_()
         real = video.float()
-        nll, metrics = self.loss.nll_loss(real, y)
         # KL for a Gaussian posterior; a quantizer's auxiliary loss (LFQ entropy + commitment) instead
-        if out.logvar is None:
-            kl = torch.zeros((), device=y.device)
-        else:
-            kl = self.loss.kl_loss(out.mean.float(), out.logvar.float())
-        aux = out.aux_loss.float() if out.aux_loss is not None else torch.zeros((), device=y.device)
-        # terms whose gradient reaches the encoder directly, not through the reconstruction
-        latent_loss = self.loss.kl_weight * kl + self.loss.quantizer_aux_loss_weight * aux
-        (grad_nll,) = torch.autograd.grad(nll, y)
+        kl = None if out.logvar is None else loss.kl_loss(out.mean, out.logvar)
+        aux = out.aux_loss if out.logvar is None else None
+        # D stays frozen until its gradients w.r.t. y are taken: a checkpointed block recomputes its
+        # forward then, and must see the same requires_grad flags as in the forward.
+        with frozen(self.discriminator):
+            discriminator_out: dict = {}
+            if adversarial:
+                discriminator_out = self._discriminate(real, y, features=loss.feature_matching_weight > 0)
+            terms = loss.generator_loss(real, y, global_step, kl=kl, aux_loss=aux, **discriminator_out)
 
-        g_adv = torch.zeros((), device=y.device)
-        weight = torch.zeros((), device=y.device)
-        grad_y = grad_nll
-        if adversarial:
-            with frozen(self.discriminator):
-                logits_fake = self.discriminator(y.to(self.d_dtype)).float()
-            g_adv = self.loss.generator_adversarial_loss(logits_fake)
-            (grad_adv,) = torch.autograd.grad(g_adv, y)
-            if self.adaptive:
-                conv, layer_input = self.last_layer.conv, self.last_layer.pop()
-                weight = adaptive_weight(
-                    last_layer_weight_grad(conv, layer_input, grad_nll),
-                    last_layer_weight_grad(conv, layer_input, grad_adv),
-                    eps=self.adaptive_eps,
-                    max_weight=self.adaptive_max,
-                )
-            else:
-                weight = torch.ones((), device=y.device)
-            weight = weight * self.loss.adversarial_weight
-            grad_y = grad_nll + weight * grad_adv
+            # d(nll)/d(y), and d(nll)/d(logvar) when the loss learns its log-variance
+            wrt = [y] if self.logvar is None else [y, self.logvar]
+            grad_nll, *grad_logvar = torch.autograd.grad(terms.nll, wrt)
+            grad_y = grad_nll
+            weight = torch.zeros((), device=y.device)
+            adaptive_value = torch.zeros((), device=y.device)
+            if adversarial:
+                fm_weight = loss.feature_matching_weight
+                if fm_weight > 0:
+                    (grad_adv,) = torch.autograd.grad(terms.adversarial, y, retain_graph=True)
+                    (grad_fm,) = torch.autograd.grad(terms.feature_matching, y)
+                    grad_y = grad_y + fm_weight * grad_fm
+                else:
+                    (grad_adv,) = torch.autograd.grad(terms.adversarial, y)
+                adaptive_value = torch.ones((), device=y.device)
+                if adaptive:
+                    conv, layer_input = self.last_layer.conv, self.last_layer.pop()
+                    adaptive_value = loss.adaptive_weight(
+                        last_layer_weight_grad(conv, layer_input, grad_nll),
+                        last_layer_weight_grad(conv, layer_input, grad_adv),
+                    )
+                # the weight the adversarial gradient gets: adaptive x adversarial_loss_weight (x warm-up)
+                weight = adaptive_value * loss.adversarial_factor(global_step)
+                grad_y = grad_y + weight * grad_adv
 
-        total = nll.detach() + latent_loss.detach() + weight * g_adv.detach()
+        detached = terms._replace(
+            nll=terms.nll.detach(),
+            adversarial=terms.adversarial.detach(),
+            feature_matching=terms.feature_matching.detach(),
+            latent=terms.latent.detach(),
+        )
+        total = loss.generator_total(detached, adaptive_value, global_step)
         self._check_finite(total, "generator")
         # d(surrogate)/d(recon) = grad_y: the generator gradient without a second decoder backward.
-        surrogate = (recon.float() * grad_y).sum() + latent_loss
+        surrogate = (recon.float() * grad_y).sum() + terms.latent
+        if grad_logvar:
+            surrogate = surrogate + (self.logvar.float() * grad_logvar[0].float()).sum()
         self.g_engine.backward(surrogate)
         self.g_engine.step()
 
-        metrics.update(
-            {
-                "total": total,
-                "nll": nll.detach(),
-                "kl": kl.detach(),
-                "quantizer_aux": aux.detach(),
-                **{
-                    f"quantizer/{name}": value.detach().float() for name, value in (out.metrics or {}).items()
-                },
-                "generator_adversarial": g_adv.detach(),
-                "adaptive_weight": weight.detach(),
-            }
-        )
-        if out.logvar is None:  # a quantized latent: its auxiliary loss and codebook statistics
-            metrics["quantizer_aux"] = aux.detach()
-            metrics.update(
-                {f"quantizer/{name}": value.float() for name, value in (out.metrics or {}).items()}
-            )
-            del metrics["kl"]
+        metrics = dict(terms.log)
+        metrics.update(total=total, adaptive_weight=weight.detach())
+        metrics.update({f"quantizer/{name}": value.float() for name, value in (out.metrics or {}).items()})
         return metrics, recon.detach()
 
-    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Update the discriminator on real clips and detached reconstructions (hinge loss)."""
+    def _discriminate(self, real: torch.Tensor, fake: torch.Tensor, *, features: bool) -> dict:
+        """The discriminator (frozen by the caller) on the reconstruction; with features, also its features
+        on the real clip for feature matching."""
+        if not features:
+            return {"logits_fake": _float_logits(self.discriminator(fake.to(self.d_dtype)))}
+        with torch.no_grad():
+            _, real_features = split_features(self.discriminator(real.to(self.d_dtype), return_features=True))
+        logits, fake_features = split_features(
+            self.discriminator(fake.to(self.d_dtype), return_features=True)
+        )
+        return {
+            "logits_fake": _float_logits(logits),
+            "real_features": real_features,
+            "fake_features": fake_features,
+        }
+
+    def discriminator_step(
+        self, real: torch.Tensor, fake: torch.Tensor, global_step: int
+    ) -> dict[str, torch.Tensor]:
+        """Update the discriminator(s) on real clips and detached reconstructions: GAN loss, lazy R1 on
+        the real clips, LeCam."""
+        loss = self.loss
+        real, fake = real.to(self.d_dtype).detach(), fake.to(self.d_dtype).detach()
         # (2B, C, T, H, W): one forward for both halves; GroupNorm keeps the samples independent.
-        logits = self.d_engine(torch.cat([real.to(self.d_dtype), fake.to(self.d_dtype)])).float()
-        logits_real, logits_fake = logits.chunk(2)
-        d_loss = self.loss.discriminator_loss(logits_real, logits_fake)
+        logits = as_logits_dict(self.d_engine(torch.cat([real, fake])))
+        halves = {key: value.float().chunk(2) for key, value in logits.items()}
+        logits_real = {key: pair[0] for key, pair in halves.items()}
+        logits_fake = {key: pair[1] for key, pair in halves.items()}
+        penalty = {}
+        if loss.grad_penalty_loss_weight > 0 and lazy_penalty_scale(global_step, loss.grad_penalty_every):
+            # R1 needs d(logits)/d(real) inside the graph. torch.autograd.grad through the engine's output
+            # would run the engine's end-of-backward gradient reduction (ZeRO-2: IndexError in
+            # reduce_ipg_grads), so the penalty takes its own forward through the raw module; its
+            # parameter gradients still reach the engine in the backward below.
+            penalty_input = real.clone().requires_grad_()
+            penalty = {
+                "real": penalty_input,
+                "penalty_logits": _float_logits(self.discriminator(penalty_input)),
+            }
+        d_loss, metrics = loss.discriminator_loss(logits_real, logits_fake, global_step, **penalty)
         self._check_finite(d_loss.detach(), "discriminator")
         self.d_engine.backward(d_loss)
         self.d_engine.step()
-        return {
-            "discriminator": d_loss.detach(),
-            "logits_real": logits_real.detach().mean(),
-            "logits_fake": logits_fake.detach().mean(),
-        }
+        return metrics
 
     def _check_finite(self, value: torch.Tensor, which: str) -> None:
         # Every rank takes the same decision, so no rank is left waiting in a collective.

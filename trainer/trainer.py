@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from data import SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
-from models import CausalVideoAutoencoder, build_autoencoder, build_discriminator
+from models import CausalVideoAutoencoder, build_autoencoder
 from models.convert import load_diffusers_folder
 from trainer.build import build_loss
 from trainer.checkpoint import AUTOENCODER_CONFIG_NAME, Checkpointer
 from trainer.config import ConfigError, RunConfig, save_config
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from trainer.engines import build_engines, restore_fp32_weights
+from trainer.engines import GeneratorModule, build_engines, restore_fp32_weights
 from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
 from trainer.step import AdversarialStep
 
@@ -33,6 +33,13 @@ _METRIC_NAMES = {
     "rec": "loss/rec",
     "perceptual": "loss/perceptual",
     "kl": "loss/kl",
+    "logvar": "loss/logvar",
+    "vgg_perceptual": "loss/vgg_perceptual",
+    "style": "loss/style",
+    "feature_matching": "loss/feature_matching",
+    "discriminator_gan": "loss/discriminator_gan",
+    "gradient_penalty": "loss/gradient_penalty",
+    "lecam": "loss/lecam",
     "quantizer_aux": "loss/quantizer_aux",
     "nll": "loss/nll",
     "generator_adversarial": "loss/generator_adversarial",
@@ -75,30 +82,25 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         autoencoder = self._build_autoencoder()
+        discriminator = config.discriminator.build()
+        self.loss = build_loss(config.loss, discriminator.output_weights(1.0)).to(self.dist.device)
+        # A learned log-variance trains with the autoencoder, in its engine (DESIGN.md decision 1).
+        generator = (
+            autoencoder if self.loss.logvar is None else GeneratorModule(autoencoder, self.loss.logvar)
+        )
         initial_weights = None
         if config.model.init_from and config.deepspeed.bf16:
-            initial_weights = {k: v.detach().clone() for k, v in autoencoder.named_parameters()}
-        discriminator = build_discriminator(
-            config.discriminator.preset, gradient_checkpointing=config.discriminator.gradient_checkpointing
-        )
-        self.loss = build_loss(config.loss).to(self.dist.device)
-        self.g_engine, self.d_engine = build_engines(autoencoder, discriminator, config, self.dist.device)
+            initial_weights = {k: v.detach().clone() for k, v in generator.named_parameters()}
+        self.g_engine, self.d_engine = build_engines(generator, discriminator, config, self.dist.device)
         if initial_weights is not None:
             restore_fp32_weights(self.g_engine, initial_weights)
             del initial_weights
-        self.step_fn = AdversarialStep(
-            self.g_engine,
-            self.d_engine,
-            self.loss,
-            adaptive=config.loss.adaptive_weight,
-            adaptive_eps=config.loss.adaptive_weight_eps,
-            adaptive_max=config.loss.adaptive_weight_max,
-        )
+        self.step_fn = AdversarialStep(self.g_engine, self.d_engine, self.loss)
         log.info(
-            "autoencoder %s: %.2fM parameters; discriminator %s: %.2fM; %d rank(s) on %s, ZeRO-%d, %s",
+            "autoencoder %s: %.2fM parameters; discriminators %s: %.2fM; %d rank(s) on %s, ZeRO-%d, %s",
             config.model.init_from or config.model.preset,
             sum(p.numel() for p in autoencoder.parameters()) / 1e6,
-            config.discriminator.preset,
+            ", ".join(discriminator.output_keys),
             sum(p.numel() for p in discriminator.parameters()) / 1e6,
             self.dist.world_size,
             self.dist.device.type,
@@ -155,6 +157,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
+        if "lecam" in state:
+            self.loss.lecam.load_state_dict(state["lecam"])
         log.info("resumed from %s/%s: continuing at step %d", root, tag, self.global_step + 1)
 
     def _resolve_shards(self) -> tuple[str | list[str], dict[str, str | list[str]]]:
@@ -239,7 +243,7 @@ class Trainer:
             clips += video.shape[0]
             metrics, recon = self.step_fn.generator_step(video, self.global_step)
             if self.loss.adversarial_active(self.global_step):
-                metrics.update(self.step_fn.discriminator_step(video, recon))
+                metrics.update(self.step_fn.discriminator_step(video, recon, self.global_step))
             self.accumulator.add({_METRIC_NAMES.get(k, k): v for k, v in metrics.items()})
         elapsed = time.perf_counter() - start
         # Scalars are averaged over ranks when logged, so per-rank values x world size log as totals.
@@ -348,6 +352,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
+            # regulariser state of the loss (LeCam EMAs, identical on every rank)
+            "lecam": self.loss.lecam.state_dict(),
         }
         return self.checkpointer.save(self.global_step, self.g_engine, self.d_engine, state)
 
