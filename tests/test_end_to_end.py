@@ -258,3 +258,20 @@ def test_tiny_run_with_every_term_of_the_objective(tmp_path, demo_dir):
     second = run_single_process(run_dir, demo_dir, "train.max_steps=4", "train.resume=auto", *everything)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert [record["step"] for record in train_records(run_dir)] == [1, 2, 3, 4]
+
+
+def test_tiny_restoration_run_trains_on_degraded_clips(tmp_path, demo_dir):
+    run_dir = tmp_path / "run"
+    result = run_single_process(
+        run_dir,
+        demo_dir,
+        "train.max_steps=2",
+        "data.restoration.enabled=true",
+        "data.restoration.scale=2",
+        "data.restoration.noise_std=0.02",
+        "data.restoration.jpeg_quality=80",
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "loss/rec" in record] == [1, 2]
+    assert any(math.isfinite(record.get("eval/psnr", math.nan)) for record in records)

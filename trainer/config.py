@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from data.degrade import Degradation
 from models import AUTOENCODER_PRESETS
 from models.discriminator_set import (
     DISCRIMINATOR_SIZES,
@@ -72,6 +73,32 @@ class DemoDataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RestorationConfig:
+    """Restoration (e.g. VAE super-resolution) training: the model sees a degraded copy of each clip
+    (blur, bicubic down/up by `scale`, noise, JPEG) and the losses compare its output with the clean clip."""
+
+    enabled: bool = False
+    blur_sigma: float = 1.0
+    scale: int = 4
+    noise_std: float = 0.0
+    jpeg_quality: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            self.degradation()
+        except ValueError as err:
+            raise ConfigError(f"data.restoration: {err}") from None
+
+    def degradation(self) -> Degradation:
+        return Degradation(
+            blur_sigma=self.blur_sigma,
+            scale=self.scale,
+            noise_std=self.noise_std,
+            jpeg_quality=self.jpeg_quality,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where clips come from and how they are cut: 4k+1 frames, square crops, values in [-1, 1]."""
 
@@ -79,6 +106,7 @@ class DataConfig:
     shards: str | list[str] = ""
     eval_shards: str | list[str] = ""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    restoration: RestorationConfig = field(default_factory=RestorationConfig)
     num_frames: int = 17
     resolution: int = 256
     frame_stride: int = 1
@@ -98,6 +126,12 @@ class DataConfig:
             f"{self.resolution}: use {max(8, round(self.resolution / 8) * 8)}",
         )
         _require(self.frame_stride >= 1, f"data.frame_stride must be >= 1, got {self.frame_stride}")
+        if self.restoration.enabled:
+            _require(
+                self.resolution % self.restoration.scale == 0,
+                f"data.resolution={self.resolution} must be divisible by data.restoration.scale="
+                f"{self.restoration.scale}",
+            )
         _require(self.batch_size >= 1, f"data.batch_size (per rank) must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")

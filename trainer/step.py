@@ -61,9 +61,11 @@ class AdversarialStep:
         self.d_dtype = _dtype_of(self.discriminator)
 
     def generator_step(
-        self, video: torch.Tensor, global_step: int
+        self, video: torch.Tensor, global_step: int, target: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Update the autoencoder; returns its metrics and the detached reconstruction (B, C, T, H, W)."""
+        """Update the autoencoder; returns its metrics and the detached reconstruction (B, C, T, H, W).
+
+        `target`: what the output is compared with, when it is not the input (restoration training)."""
         loss = self.loss
         adversarial = loss.adversarial_active(global_step)
         adaptive = adversarial and loss.use_adaptive_weight
@@ -75,7 +77,7 @@ class AdversarialStep:
         # Loss gradients w.r.t. the reconstruction are taken on a detached fp32 copy; one backward through
         # the engine then carries them into the autoencoder.
         y = recon.detach().float().requires_grad_()
-        real = video.float()
+        real = (video if target is None else target).float()
         # KL for a Gaussian posterior; a quantizer's auxiliary loss (LFQ entropy + commitment) instead
         kl = None if out.logvar is None else loss.kl_loss(out.mean, out.logvar)
         aux = out.aux_loss if out.logvar is None else None

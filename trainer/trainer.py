@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data import SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
+from data.degrade import degrade
 from models import CausalVideoAutoencoder, build_autoencoder
 from models.convert import load_diffusers_folder
 from trainer.build import build_loss
@@ -96,6 +97,8 @@ class Trainer:
             restore_fp32_weights(self.g_engine, initial_weights)
             del initial_weights
         self.step_fn = AdversarialStep(self.g_engine, self.d_engine, self.loss)
+        restoration = config.data.restoration
+        self.degradation = restoration.degradation() if restoration.enabled else None
         log.info(
             "autoencoder %s: %.2fM parameters; discriminators %s: %.2fM; %d rank(s) on %s, ZeRO-%d, %s",
             config.model.init_from or config.model.preset,
@@ -241,7 +244,12 @@ class Trainer:
             self.skipped.update(batch)
             video = batch["video"].to(self.dist.device, non_blocking=True)  # (B, C, T, H, W) in [-1, 1]
             clips += video.shape[0]
-            metrics, recon = self.step_fn.generator_step(video, self.global_step)
+            if self.degradation is not None:  # restoration: degraded input, clean target
+                metrics, recon = self.step_fn.generator_step(
+                    degrade(video, self.degradation), self.global_step, target=video
+                )
+            else:
+                metrics, recon = self.step_fn.generator_step(video, self.global_step)
             if self.loss.adversarial_active(self.global_step):
                 metrics.update(self.step_fn.discriminator_step(video, recon, self.global_step))
             self.accumulator.add({_METRIC_NAMES.get(k, k): v for k, v in metrics.items()})
@@ -322,7 +330,11 @@ class Trainer:
             if index % self.dist.world_size != self.dist.rank:
                 continue
             video = batch["video"].to(self.dist.device).float()
-            recon = model(video.to(self.step_fn.g_dtype), sample_posterior=False).recon.float().clamp(-1, 1)
+            inputs = video
+            if self.degradation is not None:  # the same degradation for every evaluation
+                noise = torch.Generator(device=video.device).manual_seed(index)
+                inputs = degrade(video, self.degradation, noise)
+            recon = model(inputs.to(self.step_fn.g_dtype), sample_posterior=False).recon.float().clamp(-1, 1)
             mse = (recon - video).pow(2).flatten(1).mean(dim=1)
             # Peak-to-peak range of [-1, 1] is 2, so PSNR = 10 log10(2^2 / MSE).
             totals[0] += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).sum().double()
