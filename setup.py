@@ -20,6 +20,8 @@ setup(
         "deepspeed>=0.15",
         "webdataset>=0.2.90",
         "braceexpand",
+        "fsspec[http]>=2023.6",  # remote shards (http/https through aiohttp)
+        "s3fs>=2023.6",  # s3:// shards
         "av>=12",
         "einops>=0.7",
         "numpy",
@@ -29,6 +31,6 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "diffusers>=0.32", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "diffusers>=0.32", "ruff", "moto[server]>=5", "boto3"],
     },
 )
