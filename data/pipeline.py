@@ -204,7 +204,7 @@ class VideoShardDataset(IterableDataset):
 
         with stream:
             files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_reading)
-            yield from group_by_keys(files, handler=skip_entry)
+            yield from self._first_of_each_key(group_by_keys(files, handler=skip_entry))
         if read_errors:
             exn = read_errors[0]
             self.skip_counter.skip("truncated_tar", url, exn.args[0] if exn.args else repr(exn))
@@ -213,6 +213,19 @@ class VideoShardDataset(IterableDataset):
             self.skip_counter.skip(
                 "truncated_tar", url, "the data ends without the tar end-of-archive blocks"
             )
+
+    def _first_of_each_key(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """`samples` of one shard less the repeats of a key (counted): a key split by other keys' files comes twice."""
+        seen: set[str] = set()
+        for sample in samples:
+            if sample["__key__"] in seen:
+                where = f"{sample['__key__']} in {sample['__url__']}"
+                self.skip_counter.skip(
+                    "duplicate_key", where, f"the key came earlier in the shard; {_entries(sample)}"
+                )
+                continue
+            seen.add(sample["__key__"])
+            yield sample
 
     def _clip(self, sample: dict[str, Any], epoch: int) -> torch.Tensor | None:
         """(C, T, H, W) clip of one raw sample, or None (counted) when the sample is unusable."""
@@ -225,7 +238,7 @@ class VideoShardDataset(IterableDataset):
         if "json" in sample:
             try:
                 meta = json.loads(sample["json"])
-            except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            except (ValueError, RecursionError) as exn:  # bad UTF-8 or JSON; RecursionError: deep nesting
                 self.skip_counter.skip("bad_json", where, exn)
                 return None
             frame_count = _frame_count(meta)
@@ -242,7 +255,8 @@ class VideoShardDataset(IterableDataset):
         except VideoTooShortError as exn:
             self.skip_counter.skip("video_too_short", where, exn)
             return None
-        except VideoDecodeError as exn:
+        except (VideoDecodeError, UnicodeDecodeError) as exn:
+            # UnicodeDecodeError: PyAV decodes a damaged mp4's metadata strings as UTF-8 and lets it out.
             self.skip_counter.skip("corrupt_video", where, exn)
             return None
         return video_to_clip_tensor(frames, self.resolution, train=self.train, rng=rng)
@@ -374,5 +388,5 @@ def _frame_count(meta: object) -> int | None:
         value = next((s.get("nb_frames") for s in streams if s.get("codec_type") == "video"), None)
     try:
         return int(value) if value is not None and int(value) > 0 else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from json's Infinity or 1e400
         return None
