@@ -10,21 +10,20 @@ are reproducible:
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
 from random import Random
 from typing import Any, BinaryIO
 
-import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data.sources import expand_shard_urls, open_shard
 from data.transforms import video_to_clip_tensor
 from data.video import VideoDecodeError, VideoTooShortError, decode_clip
 
@@ -67,22 +66,10 @@ class SkippedSamples:
         return sum(self.latest.values())
 
 
-def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """Brace pattern, glob, or list of either -> list of shard paths; ValueError if none or some are missing."""
-    patterns = [shards] if isinstance(shards, str) else list(shards)
-    paths: list[str] = []
-    for pattern in patterns:
-        for item in braceexpand.braceexpand(str(pattern)):
-            if "://" in item:
-                raise ValueError(f"remote shard URLs are not supported yet (local paths only): {item}")
-            paths.extend(sorted(glob.glob(item)) if glob.has_magic(item) else [item])
-    if not paths:
-        raise ValueError(f"no shards found for {shards!r}")
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ValueError(f"{len(missing)} of {len(paths)} shards in {shards!r} do not exist: {shown}")
-    return paths
+def expand_shards(shards: str | Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Brace patterns, globs, lists of either; local paths or s3://, gs://, http(s)://, pipe: URLs -> the
+    shard URLs (see data.sources.expand_shard_urls). ValueError if none, or if local shards are missing."""
+    return expand_shard_urls(shards, storage_options)
 
 
 def distributed_rank_and_world_size(
@@ -117,9 +104,11 @@ class VideoShardDataset(IterableDataset):
         epoch_offset: int,
         rank: int,
         world_size: int,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.shards = shards
+        self.storage_options = dict(storage_options or {})
         self.num_frames = num_frames
         self.resolution = resolution
         self.frame_stride = frame_stride
@@ -187,7 +176,7 @@ class VideoShardDataset(IterableDataset):
     def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
         """Raw samples (bytes by extension) of one tar; a truncated or corrupt tar ends early, counted."""
         try:
-            stream = _TailTrackingReader(open(url, "rb"))  # noqa: SIM115 (closed below)
+            stream = _TailTrackingReader(open_shard(url, self.storage_options))
         except OSError as exn:
             self.skip_counter.skip("unreadable_shard", url, exn)
             return
@@ -274,6 +263,7 @@ def build_video_dataset(
     epoch_offset: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> VideoShardDataset:
     """Dataset of `{"video": float32 (C, T, H, W) in [-1, 1], "key": str, "skipped": int, "worker": int}`.
 
@@ -282,6 +272,7 @@ def build_video_dataset(
     Shards are split by rank, then by DataLoader worker; the rank comes from `rank`/`world_size` when
     given, else torch.distributed when initialised, else the RANK/WORLD_SIZE environment variables.
     `skipped` is the running count of unusable samples of the process (worker) that made the sample.
+    `storage_options`: fsspec options for remote shards (credentials, endpoint_url, ...).
     """
     if num_frames < 1 or frame_stride < 1 or resolution < 1:
         raise ValueError(
@@ -291,7 +282,7 @@ def build_video_dataset(
         raise ValueError(f"shuffle_buffer ({shuffle_buffer}) and epoch_offset ({epoch_offset}) must be >= 0")
     rank, world_size = distributed_rank_and_world_size(rank, world_size)
     dataset = VideoShardDataset(
-        expand_shards(shards),
+        expand_shards(shards, storage_options),
         num_frames=num_frames,
         resolution=resolution,
         frame_stride=frame_stride,
@@ -301,6 +292,7 @@ def build_video_dataset(
         epoch_offset=epoch_offset,
         rank=rank,
         world_size=world_size,
+        storage_options=storage_options,
     )
     dataset.check_split(num_workers=1)
     return dataset

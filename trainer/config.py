@@ -105,6 +105,9 @@ class DataConfig:
     # A brace pattern ("shards/train-{000000..000099}.tar"), a glob, or a list of paths.
     shards: str | list[str] = ""
     eval_shards: str | list[str] = ""
+    # fsspec options for s3:// gs:// http(s):// shards, e.g. {"client_kwargs": {"endpoint_url": ...}};
+    # credentials otherwise come from the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)
+    storage_options: dict[str, Any] = field(default_factory=dict)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     restoration: RestorationConfig = field(default_factory=RestorationConfig)
     num_frames: int = 17
