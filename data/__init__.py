@@ -2,6 +2,7 @@
 
 from data.demo import DemoShards, ensure_demo_shards, write_demo_shards
 from data.pipeline import (
+    DataPosition,
     SkipCounter,
     SkippedSamples,
     VideoShardDataset,
@@ -14,6 +15,7 @@ from data.transforms import crop, resize_shorter_side, to_model_range, video_to_
 from data.video import VideoDecodeError, VideoTooShortError, clip_span, decode_clip
 
 __all__ = [
+    "DataPosition",
     "DemoShards",
     "SkipCounter",
     "SkippedSamples",

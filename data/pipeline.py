@@ -66,6 +66,41 @@ class SkippedSamples:
         return sum(self.latest.values())
 
 
+class DataPosition:
+    """What a training loop consumed of a rank's stream; its `state()` resumes the stream exactly.
+
+    Call `update(batch)` for every batch taken from the DataLoader (before using it).
+    """
+
+    def __init__(self, num_workers: int, world_size: int, epoch_offset: int = 0) -> None:
+        self.num_workers = max(num_workers, 1)
+        self.world_size = world_size
+        self.epoch_offset = epoch_offset  # the dataset's: where workers that produced nothing start
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.batches = 0
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        self.positions[int(batch["worker"])] = tuple(int(v) for v in batch["position"])
+        self.batches += 1
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "positions": dict(self.positions),
+            "next_worker": self.batches % self.num_workers,
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "epoch_offset": self.epoch_offset,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> DataPosition:
+        position = cls(int(state["num_workers"]), int(state["world_size"]), int(state.get("epoch_offset", 0)))
+        position.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
+        # batches only matter modulo num_workers: keep the round robin where it was
+        position.batches = int(state["next_worker"])
+        return position
+
+
 def expand_shards(shards: str | Sequence[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Brace patterns, globs, lists of either; local paths or s3://, gs://, http(s)://, pipe: URLs -> the
     shard URLs (see data.sources.expand_shard_urls). ValueError if none, or if local shards are missing."""
@@ -105,9 +140,11 @@ class VideoShardDataset(IterableDataset):
         rank: int,
         world_size: int,
         storage_options: Mapping[str, Any] | None = None,
+        resume_state: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.shards = shards
+        self.resume_state = dict(resume_state) if resume_state else None
         self.storage_options = dict(storage_options or {})
         self.num_frames = num_frames
         self.resolution = resolution
@@ -140,22 +177,56 @@ class VideoShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.check_split(num_workers)
-        epochs = count(self.epoch_offset) if self.train else [self.epoch_offset]
+        worker, epoch, skip = self._resume_point(physical, num_workers)
+        epochs = count(epoch) if self.train else [epoch]
         for epoch in epochs:
             produced = 0
-            for sample in self._epoch(epoch, worker, num_workers):
+            for sample in self._epoch(epoch, worker, num_workers, skip=skip):
                 produced += 1
                 yield sample
-            if self.train and produced == 0:
+            if self.train and produced == 0 and skip == 0:
                 # Otherwise an infinite stream over only bad samples would spin forever.
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: no usable clip in an epoch over "
                     f"{self.shards_for(epoch, worker, num_workers)}; skipped {self.skip_counter.counts}"
                 )
+            skip = 0
 
-    def _epoch(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    def _resume_point(self, physical: int, num_workers: int) -> tuple[int, int, int]:
+        """(logical worker, epoch, raw samples to skip) of this DataLoader worker.
+
+        Each logical worker's stream is a pure function of (seed, epoch, rank, logical worker). A resumed
+        run gives physical worker p the role of logical worker (p + next_worker) % W, so the DataLoader's
+        round robin (worker 0 first) continues where the stopped run's was, and each logical worker
+        fast-forwards its stream past the raw samples it had produced (read, not decoded).
+        """
+        state = self.resume_state
+        if not state:
+            return physical, self.epoch_offset, 0
+        if (
+            state.get("num_workers") != num_workers
+            or state.get("world_size", self.world_size) != self.world_size
+        ):
+            logger.warning(
+                "data position saved with %s workers x %s ranks, now %d x %d: starting a new pass instead of "
+                "resuming exactly",
+                state.get("num_workers"),
+                state.get("world_size"),
+                num_workers,
+                self.world_size,
+            )
+            return physical, self.epoch_offset, 0
+        worker = (physical + int(state.get("next_worker", 0))) % num_workers
+        position = state.get("positions", {}).get(worker)
+        if position is None:  # this worker had produced nothing yet: it starts where the stopped run's did
+            return worker, int(state.get("epoch_offset", 0)), 0
+        epoch, consumed = position
+        return worker, int(epoch), int(consumed)
+
+    def _epoch(self, epoch: int, worker: int, num_workers: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """Clips of one epoch of this rank's logical `worker`, after skipping `skip` raw samples."""
         urls = self.shards_for(epoch, worker, num_workers)
         samples = (sample for url in urls for sample in self._read_shard(url))
         if self.train and self.shuffle_buffer > 1:
@@ -163,7 +234,9 @@ class VideoShardDataset(IterableDataset):
             samples = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
                 samples
             )
-        for sample in samples:
+        for consumed, sample in enumerate(samples, start=1):
+            if consumed <= skip:
+                continue
             video = self._clip(sample, epoch)
             if video is not None:
                 yield {
@@ -171,6 +244,8 @@ class VideoShardDataset(IterableDataset):
                     "key": sample["__key__"],
                     "skipped": self.skip_counter.total,
                     "worker": worker,
+                    # where this worker's stream is: resuming after this sample skips `consumed` raw samples
+                    "position": (epoch, consumed),
                 }
 
     def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
@@ -264,6 +339,7 @@ def build_video_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    resume_state: Mapping[str, Any] | None = None,
 ) -> VideoShardDataset:
     """Dataset of `{"video": float32 (C, T, H, W) in [-1, 1], "key": str, "skipped": int, "worker": int}`.
 
@@ -273,6 +349,9 @@ def build_video_dataset(
     given, else torch.distributed when initialised, else the RANK/WORLD_SIZE environment variables.
     `skipped` is the running count of unusable samples of the process (worker) that made the sample.
     `storage_options`: fsspec options for remote shards (credentials, endpoint_url, ...).
+    `resume_state`: a `DataPosition.state()` saved by a stopped run: the stream continues exactly after
+    the last batch that run consumed (same rank count and worker count; otherwise a new pass from
+    `epoch_offset`, with a warning).
     """
     if num_frames < 1 or frame_stride < 1 or resolution < 1:
         raise ValueError(
@@ -293,19 +372,22 @@ def build_video_dataset(
         rank=rank,
         world_size=world_size,
         storage_options=storage_options,
+        resume_state=resume_state,
     )
     dataset.check_split(num_workers=1)
     return dataset
 
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> `{"video": (B, C, T, H, W), "key": [str], "skipped": int, "worker": int}`."""
+    """Samples -> `{"video": (B, C, T, H, W), "key": [str], "skipped": int, "worker": int, "position":
+    (epoch, consumed) of the batch's last sample in its worker's stream}`."""
     return {
         "video": torch.stack([sample["video"] for sample in samples]),
         "key": [sample["key"] for sample in samples],
         # A batch comes from one worker, so the largest count is that worker's latest.
         "skipped": max(sample["skipped"] for sample in samples),
         "worker": samples[0]["worker"],
+        "position": samples[-1]["position"],
     }
 
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import io
 import random
+from fractions import Fraction
 
 import av
 import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
+
+# A pts may be this far (in frames) off the constant-rate grid, e.g. from webm's millisecond timestamps.
+_GRID_TOLERANCE = 0.25
+# Tries to find a keyframe at or before the start when the demuxer seeks too far (its index uses dts, say).
+_SEEK_ATTEMPTS = 3
 
 
 class VideoDecodeError(ValueError):
@@ -37,6 +43,11 @@ def decode_clip(
     With `start=None` the start is drawn uniformly from `rng` (a fresh unseeded one if None) among
     the starts that fit. `frame_count` (e.g. from the sample's json) avoids needing the container's
     frame count; if it turns out to be wrong the clip is taken from the frames actually decoded.
+
+    A clip that starts after the first frame is decoded from the keyframe at or before its start
+    (a seek), frames identified by their pts; when the stream's timing cannot be trusted for that
+    (no pts, variable frame rate, frames that do not line up after the seek) it is decoded from the
+    first frame. Either way the frames are those of a decode from the first frame.
     """
     if num_frames < 1 or frame_stride < 1:
         raise ValueError(f"num_frames ({num_frames}) and frame_stride ({frame_stride}) must be >= 1")
@@ -63,15 +74,24 @@ def decode_clip(
                         raise _too_short(len(frames), num_frames, frame_stride)
                     start = (rng or random.Random()).randint(0, len(frames) - span)
                     return _stack(frames[start : start + span : frame_stride])
-            wanted = range(start, start + span, frame_stride)
-            picked = []
-            seen = 0
-            for index, frame in enumerate(container.decode(stream)):
-                seen = index + 1
-                if index in wanted:
-                    picked.append(frame)
-                    if len(picked) == num_frames:
-                        return _stack(picked)
+            if start > 0 and _seekable(stream):
+                try:
+                    picked = _decode_after_seek(container, stream, start, num_frames, frame_stride)
+                except av.FFmpegError:
+                    picked = None  # e.g. corrupt data after the seek point: the full decode judges it
+                if picked is not None:
+                    return _stack(picked)
+                # Seeking could not be trusted: decode from the first frame in a fresh container.
+                with av.open(io.BytesIO(video_bytes), mode="r") as fresh:
+                    fresh_stream = fresh.streams.video[0]
+                    fresh_stream.thread_type = "SLICE"
+                    picked, seen = _decode_from_first_frame(
+                        fresh, fresh_stream, start, num_frames, frame_stride
+                    )
+            else:
+                picked, seen = _decode_from_first_frame(container, stream, start, num_frames, frame_stride)
+            if picked is not None:
+                return _stack(picked)
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, EOFError) as exn:
@@ -80,6 +100,120 @@ def decode_clip(
         # The metadata over-counted the frames: retry once with the true count.
         return decode_clip(video_bytes, num_frames, frame_stride, rng=rng, frame_count=seen)
     raise _too_short(seen, num_frames, frame_stride, start=start)
+
+
+def _seekable(stream: av.VideoStream) -> bool:
+    """Whether the stream has what pts -> frame index needs: a start time, a time base, a frame rate."""
+    return stream.start_time is not None and bool(stream.time_base) and bool(stream.average_rate)
+
+
+def _decode_after_seek(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    start: int,
+    num_frames: int,
+    frame_stride: int,
+) -> list[av.VideoFrame] | None:
+    """The clip's frames decoded from the keyframe at or before `start`, or None if that cannot be trusted.
+
+    Frames are identified by pts: index = (pts - start_time) * time_base * average_rate. None (the
+    caller then decodes from the first frame) unless the first frame after the seek is a keyframe at or
+    before `start`, every frame from there has the next index up to the clip's last frame, and the
+    packets before the keyframe are exactly the frames before it on the grid.
+    """
+    frames_per_tick = stream.time_base * stream.average_rate
+    origin = stream.start_time
+    last = start + clip_span(num_frames, frame_stride) - 1
+    target = origin + round(start / frames_per_tick)
+    for _ in range(_SEEK_ATTEMPTS):
+        if target < origin:
+            return None
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        picked: list[av.VideoFrame] = []
+        expected = None
+        for frame in container.decode(stream):
+            index = _pts_to_index(frame.pts, origin, frames_per_tick)
+            if index is None:
+                return None  # no pts, or one off the constant-rate grid
+            if expected is None:
+                if not frame.key_frame:
+                    return None  # e.g. an open GOP's leading frames: they may differ from a full decode
+                if index > start:
+                    target = frame.pts - 1  # the demuxer chose a keyframe after the start: go further back
+                    break
+                key_pts, key_index = frame.pts, index
+            elif index != expected:
+                return None  # a gap or a repeat: the rate is not constant here
+            expected = index + 1
+            if index >= start and (index - start) % frame_stride == 0:
+                picked.append(frame)
+                if index == last:
+                    break
+        else:
+            return None  # the frames ran out first: the full decode counts them and says so
+        if not picked:
+            continue  # broke off to seek further back
+        # The pts grid held from the keyframe on; it must hold before it too, or the frame the grid
+        # calls `key_index` is not the key_index-th of a full decode (e.g. a gap before the seek point).
+        return (
+            picked if _frames_before_line_up(container, stream, key_pts, key_index, frames_per_tick) else None
+        )
+    return None
+
+
+def _frames_before_line_up(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    key_pts: int,
+    key_index: int,
+    frames_per_tick: Fraction,
+) -> bool:
+    """Whether the packets before the keyframe at `key_pts` are exactly frames 0..key_index-1 of the grid.
+
+    Demuxes (without decoding) from the first packet: cheap next to decoding. In a closed GOP every
+    frame shown before a keyframe is stored before it.
+    """
+    if key_index == 0:
+        return True
+    container.seek(stream.start_time, stream=stream, backward=True, any_frame=False)
+    indices = set()
+    for packet in container.demux(stream):
+        if packet.pts == key_pts:
+            return packet.is_keyframe and len(indices) == key_index
+        index = _pts_to_index(packet.pts, stream.start_time, frames_per_tick)
+        if index is None or index >= key_index or index in indices:
+            return False
+        indices.add(index)
+    return False
+
+
+def _pts_to_index(pts: int | None, origin: int, frames_per_tick: Fraction) -> int | None:
+    """Frame index of a pts on the constant-rate grid, or None when there is no pts or it is off the grid."""
+    if pts is None:
+        return None
+    exact = (pts - origin) * frames_per_tick
+    index = round(exact)
+    return index if index >= 0 and abs(exact - index) <= _GRID_TOLERANCE else None
+
+
+def _decode_from_first_frame(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    start: int,
+    num_frames: int,
+    frame_stride: int,
+) -> tuple[list[av.VideoFrame] | None, int]:
+    """The clip's frames counted from the first decoded frame, or None and the number of frames there are."""
+    wanted = range(start, start + clip_span(num_frames, frame_stride), frame_stride)
+    picked = []
+    seen = 0
+    for index, frame in enumerate(container.decode(stream)):
+        seen = index + 1
+        if index in wanted:
+            picked.append(frame)
+            if len(picked) == num_frames:
+                return picked, seen
+    return None, seen
 
 
 def _stack(frames: list[av.VideoFrame]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
+from data import DataPosition, SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
 from data.degrade import degrade
 from models import CausalVideoAutoencoder, build_autoencoder
 from models.convert import load_diffusers_folder
@@ -118,6 +118,7 @@ class Trainer:
         self.accumulator = MetricAccumulator()
         self.global_step = 0  # completed optimizer steps
         self._seed_rank_rngs()
+        self.data_resume_state: dict[str, Any] | None = None
         self._resume()
 
         self.train_shards, self.eval_sets = self._resolve_shards()
@@ -160,6 +161,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
+        self.data_resume_state = state.get("data")
         if "lecam" in state:
             self.loss.lecam.load_state_dict(state["lecam"])
         log.info("resumed from %s/%s: continuing at step %d", root, tag, self.global_step + 1)
@@ -196,9 +198,21 @@ class Trainer:
             train=True,
             seed=self.config.train.seed,
             shuffle_buffer=data.shuffle_buffer,
-            # A resumed run starts a new pass over the shards rather than replaying the first clips.
+            # Resumed: the stream continues after the last batch the stopped run consumed (same ranks and
+            # workers), else a new pass rather than a replay of the first clips.
             epoch_offset=self.global_step,
+            resume_state=self.data_resume_state,
         )
+        self.data_position = DataPosition(
+            data.num_workers, self.dist.world_size, epoch_offset=self.global_step
+        )
+        if self.data_resume_state:
+            saved = DataPosition.from_state(self.data_resume_state)
+            if (saved.num_workers, saved.world_size) == (
+                self.data_position.num_workers,
+                self.dist.world_size,
+            ):
+                self.data_position = saved  # else the dataset starts a new pass (and says so)
         return iter(build_dataloader(dataset, batch_size=data.batch_size, num_workers=data.num_workers))
 
     # ------------------------------------------------------------------------------------------ loop
@@ -241,6 +255,7 @@ class Trainer:
         for _ in range(self.config.train.gradient_accumulation_steps):
             fetch = time.perf_counter()
             batch = next(self.train_batches)
+            self.data_position.update(batch)
             data_wait += time.perf_counter() - fetch
             self.skipped.update(batch)
             video = batch["video"].to(self.dist.device, non_blocking=True)  # (B, C, T, H, W) in [-1, 1]
@@ -368,6 +383,8 @@ class Trainer:
             "numpy_rng": np.random.get_state(),
             # regulariser state of the loss (LeCam EMAs, identical on every rank)
             "lecam": self.loss.lecam.state_dict(),
+            # where this rank's data stream is, so a resumed run sees the clips an uninterrupted one would
+            "data": self.data_position.state(),
         }
         return self.checkpointer.save(self.global_step, self.g_engine, self.d_engine, state)
 
