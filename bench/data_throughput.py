@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from data import build_dataloader, build_video_dataset, collate_clips, decode_clip, video_to_clip_tensor
 from data.demo import MOTIONS, PHOTOS, _load_photo, random_camera_move, render_clip
+from data.transforms import uint8_to_model_range
 
 NUM_FRAMES, RESOLUTION, SEED, SHARDS = 17, 256, 0, 4
 
@@ -96,8 +97,10 @@ def time_pipeline(
     pattern: str, num_workers: int, clips: int, repeats: int
 ) -> tuple[list[float], list[list[tuple[str, int]]], float]:
     """Clips/s of each timed window, the (key, epoch) clips of each window, and the warm-up's seconds."""
+    # As the trainer reads: uint8 clips from the workers, converted to float32 in [-1, 1] by the consumer
+    # (on the accelerator in training; here on the CPU, in the timed loop, so it counts against us).
     dataset = build_video_dataset(
-        pattern, num_frames=NUM_FRAMES, resolution=RESOLUTION, train=True, seed=SEED
+        pattern, num_frames=NUM_FRAMES, resolution=RESOLUTION, train=True, seed=SEED, uint8=True
     )
     loader = build_dataloader(dataset, batch_size=1, num_workers=num_workers)
     seen: Counter[str] = Counter()  # a key's n-th appearance is its epoch n (each epoch has every key once)
@@ -106,7 +109,8 @@ def time_pipeline(
         taken = []
         for _ in range(n):
             batch = next(batches)
-            assert batch["video"].shape == (1, 3, NUM_FRAMES, RESOLUTION, RESOLUTION)
+            video = uint8_to_model_range(batch["video"])
+            assert video.shape == (1, 3, NUM_FRAMES, RESOLUTION, RESOLUTION)
             key = batch["key"][0]
             taken.append((key, seen[key]))
             seen[key] += 1
@@ -189,7 +193,11 @@ def profile(pattern: str, samples: dict[str, dict], clips: int) -> None:
         clips,
     )
     collate_ms = per_clip(
-        lambda: [collate_clips([{"video": t, "key": "k", "skipped": 0, "worker": 0}]) for t in tensors], clips
+        lambda: [
+            collate_clips([{"video": t, "key": "k", "skipped": 0, "worker": 0, "position": (0, 0)}])
+            for t in tensors
+        ],
+        clips,
     )
     print(
         f"profile (ms per clip, 1 core): tar read {read_ms:.2f}, decode_clip {decode_ms:.2f}, "

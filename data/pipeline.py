@@ -141,8 +141,10 @@ class VideoShardDataset(IterableDataset):
         world_size: int,
         storage_options: Mapping[str, Any] | None = None,
         resume_state: Mapping[str, Any] | None = None,
+        uint8: bool = False,
     ) -> None:
         super().__init__()
+        self.uint8 = uint8
         self.shards = shards
         self.resume_state = dict(resume_state) if resume_state else None
         self.storage_options = dict(storage_options or {})
@@ -323,7 +325,7 @@ class VideoShardDataset(IterableDataset):
             # UnicodeDecodeError: PyAV decodes a damaged mp4's metadata strings as UTF-8 and lets it out.
             self.skip_counter.skip("corrupt_video", where, exn)
             return None
-        return video_to_clip_tensor(frames, self.resolution, train=self.train, rng=rng)
+        return video_to_clip_tensor(frames, self.resolution, train=self.train, rng=rng, uint8=self.uint8)
 
 
 def build_video_dataset(
@@ -340,6 +342,7 @@ def build_video_dataset(
     world_size: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
     resume_state: Mapping[str, Any] | None = None,
+    uint8: bool = False,
 ) -> VideoShardDataset:
     """Dataset of `{"video": float32 (C, T, H, W) in [-1, 1], "key": str, "skipped": int, "worker": int}`.
 
@@ -373,6 +376,7 @@ def build_video_dataset(
         world_size=world_size,
         storage_options=storage_options,
         resume_state=resume_state,
+        uint8=uint8,
     )
     dataset.check_split(num_workers=1)
     return dataset
@@ -381,13 +385,21 @@ def build_video_dataset(
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Samples -> `{"video": (B, C, T, H, W), "key": [str], "skipped": int, "worker": int, "position":
     (epoch, consumed) of the batch's last sample in its worker's stream}`."""
+    videos = [sample["video"] for sample in samples]
+    out = None
+    if get_worker_info() is not None:
+        # In a DataLoader worker, stack straight into shared memory (as torch's default_collate does):
+        # otherwise the batch is copied once more into shared memory to reach the main process.
+        numel = sum(video.numel() for video in videos)
+        storage = videos[0].untyped_storage()._new_shared(numel * videos[0].element_size())
+        out = videos[0].new(storage).resize_(len(videos), *videos[0].shape)
     return {
-        "video": torch.stack([sample["video"] for sample in samples]),
+        "video": torch.stack(videos, out=out),
         "key": [sample["key"] for sample in samples],
         # A batch comes from one worker, so the largest count is that worker's latest.
         "skipped": max(sample["skipped"] for sample in samples),
         "worker": samples[0]["worker"],
-        "position": samples[-1]["position"],
+        "position": samples[-1].get("position"),
     }
 
 

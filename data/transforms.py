@@ -67,10 +67,24 @@ def to_model_range(video: torch.Tensor) -> torch.Tensor:
     return frames if video.dtype == torch.uint8 else frames.clamp_(-1.0, 1.0)
 
 
+def uint8_to_model_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (..., C, T, H, W) -> float32 in [-1, 1] (on whatever device they are: the trainer does
+    it on the accelerator, so DataLoader workers ship 4x fewer bytes and skip this pass)."""
+    if video.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 clips, got {video.dtype}")
+    return video.float().mul_(2 / 255).sub_(1.0)
+
+
 def video_to_clip_tensor(
-    frames_uint8: torch.Tensor, resolution: int, train: bool, rng: Random | None = None
+    frames_uint8: torch.Tensor,
+    resolution: int,
+    train: bool,
+    rng: Random | None = None,
+    *,
+    uint8: bool = False,
 ) -> torch.Tensor:
-    """uint8 (T, H, W, C) -> float32 (C, T, resolution, resolution) in [-1, 1].
+    """uint8 (T, H, W, C) -> float32 (C, T, resolution, resolution) in [-1, 1]; with `uint8`, the same
+    clip as uint8 (C, T, resolution, resolution) in [0, 255] (see `uint8_to_model_range`).
 
     Takes the largest square (random position when `train`, centred otherwise) and resizes it to
     `resolution`: the same picture as resizing the shorter side then cropping, but the resize only
@@ -79,4 +93,6 @@ def video_to_clip_tensor(
     _, height, width, _ = frames_uint8.shape
     frames = crop(frames_uint8, min(height, width), random=train, rng=rng)
     frames = resize_shorter_side(frames, resolution)
+    if uint8:
+        return rearrange(frames, "t h w c -> c t h w").contiguous()
     return to_model_range(frames)

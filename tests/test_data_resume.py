@@ -77,3 +77,18 @@ def test_a_different_worker_count_starts_a_new_pass_with_a_warning(shards, caplo
         resumed = take(loader(shards, 0, 0, resume_state=position.state()), 2)
     assert [k for k, _ in resumed] == [k for k, _ in fresh]
     assert "starting a new pass" in caplog.text
+
+
+def test_uint8_clips_convert_to_exactly_the_float_clips(shards):
+    from data.transforms import uint8_to_model_range
+
+    def first_clips(uint8: bool) -> list[torch.Tensor]:
+        dataset = build_video_dataset(
+            shards, num_frames=5, resolution=32, train=True, seed=7, rank=0, world_size=1, uint8=uint8
+        )
+        stream = iter(dataset)
+        return [next(stream)["video"] for _ in range(4)]
+
+    for small, full in zip(first_clips(True), first_clips(False), strict=True):
+        assert small.dtype == torch.uint8 and small.shape == full.shape
+        torch.testing.assert_close(uint8_to_model_range(small), full, rtol=0, atol=1e-6)

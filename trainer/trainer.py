@@ -17,6 +17,7 @@ import torch
 
 from data import DataPosition, SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
 from data.degrade import degrade
+from data.transforms import uint8_to_model_range
 from models import CausalVideoAutoencoder, build_autoencoder
 from models.convert import load_diffusers_folder
 from trainer.build import build_loss
@@ -202,6 +203,7 @@ class Trainer:
             # workers), else a new pass rather than a replay of the first clips.
             epoch_offset=self.global_step,
             resume_state=self.data_resume_state,
+            uint8=True,  # converted on the device (train_step): workers ship a quarter of the bytes
         )
         self.data_position = DataPosition(
             data.num_workers, self.dist.world_size, epoch_offset=self.global_step
@@ -258,7 +260,8 @@ class Trainer:
             self.data_position.update(batch)
             data_wait += time.perf_counter() - fetch
             self.skipped.update(batch)
-            video = batch["video"].to(self.dist.device, non_blocking=True)  # (B, C, T, H, W) in [-1, 1]
+            # uint8 (B, C, T, H, W) -> float32 in [-1, 1], on the device
+            video = uint8_to_model_range(batch["video"].to(self.dist.device, non_blocking=True))
             clips += video.shape[0]
             if self.degradation is not None:  # restoration: degraded input, clean target
                 metrics, recon = self.step_fn.generator_step(
