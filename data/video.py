@@ -217,6 +217,11 @@ def _decode_from_first_frame(
 
 
 def _stack(frames: list[av.VideoFrame]) -> torch.Tensor:
+    # Damaged streams often decode without an error, the decoder concealing the damage (altered pixels):
+    # FFmpeg flags such frames as corrupt, and a clip with one is rejected rather than trained on.
+    corrupt = sum(frame.is_corrupt for frame in frames)
+    if corrupt:
+        raise VideoDecodeError(f"{corrupt} of the clip's {len(frames)} frames are corrupt (damaged stream)")
     # One reformatter for the clip keeps one swscale context: about 3x cheaper than frame.to_ndarray.
     reformatter = VideoReformatter()
     return torch.from_numpy(
