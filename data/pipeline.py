@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
@@ -25,7 +26,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data.sources import expand_shard_urls, open_shard
 from data.transforms import video_to_clip_tensor
-from data.video import VideoDecodeError, VideoTooShortError, decode_clip
+from data.video import VideoDecodeError, VideoTooShortError, decode_clip, stride_for_fps, video_fps
 
 logger = logging.getLogger("data")
 
@@ -142,9 +143,11 @@ class VideoShardDataset(IterableDataset):
         storage_options: Mapping[str, Any] | None = None,
         resume_state: Mapping[str, Any] | None = None,
         uint8: bool = False,
+        target_fps: float | None = None,
     ) -> None:
         super().__init__()
         self.uint8 = uint8
+        self.target_fps = target_fps
         self.shards = shards
         self.resume_state = dict(resume_state) if resume_state else None
         self.storage_options = dict(storage_options or {})
@@ -300,7 +303,7 @@ class VideoShardDataset(IterableDataset):
         if video_ext is None:
             self.skip_counter.skip("missing_video", where, f"no video entry, only {_entries(sample)}")
             return None
-        frame_count = None
+        frame_count = meta = None
         if "json" in sample:
             try:
                 meta = json.loads(sample["json"])
@@ -309,11 +312,18 @@ class VideoShardDataset(IterableDataset):
                 return None
             frame_count = _frame_count(meta)
         rng = Random(f"clip/{self.seed}/{epoch}/{os.path.basename(sample['__url__'])}/{sample['__key__']}")
+        frame_stride = self.frame_stride
+        if self.target_fps is not None:
+            fps = _metadata_fps(meta) or video_fps(sample[video_ext])
+            if fps is None:
+                self.skip_counter.skip("unknown_fps", where, "no frame rate in the json or the container")
+                return None
+            frame_stride = stride_for_fps(fps, self.target_fps)
         try:
             frames = decode_clip(
                 sample[video_ext],
                 self.num_frames,
-                self.frame_stride,
+                frame_stride,
                 start=None if self.train else 0,
                 rng=rng,
                 frame_count=frame_count,
@@ -343,6 +353,7 @@ def build_video_dataset(
     storage_options: Mapping[str, Any] | None = None,
     resume_state: Mapping[str, Any] | None = None,
     uint8: bool = False,
+    target_fps: float | None = None,
 ) -> VideoShardDataset:
     """Dataset of `{"video": float32 (C, T, H, W) in [-1, 1], "key": str, "skipped": int, "worker": int}`.
 
@@ -377,6 +388,7 @@ def build_video_dataset(
         storage_options=storage_options,
         resume_state=resume_state,
         uint8=uint8,
+        target_fps=target_fps,
     )
     dataset.check_split(num_workers=1)
     return dataset
@@ -461,6 +473,26 @@ class _TailTrackingReader:
 
 def _entries(sample: dict[str, Any]) -> list[str]:
     return sorted(key for key in sample if not key.startswith("__"))
+
+
+def _metadata_fps(meta: object) -> float | None:
+    """The frame rate in a sample's json (ours and make_shards': `fps`; video2dataset's ffprobe output:
+    the video stream's `avg_frame_rate` like "30000/1001"), or None."""
+    if not isinstance(meta, dict):
+        return None
+    value = meta.get("fps")
+    video_metadata = meta.get("video_metadata")
+    if value is None and isinstance(video_metadata, dict):
+        streams = [s for s in video_metadata.get("streams") or [] if isinstance(s, dict)]
+        value = next((s.get("avg_frame_rate") for s in streams if s.get("codec_type") == "video"), None)
+    try:
+        if isinstance(value, str) and "/" in value:
+            numerator, denominator = value.split("/", 1)
+            value = float(numerator) / float(denominator)
+        fps = float(value) if value is not None else None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return fps if fps is not None and math.isfinite(fps) and fps > 0 else None
 
 
 def _frame_count(meta: object) -> int | None:

@@ -30,6 +30,25 @@ def clip_span(num_frames: int, frame_stride: int = 1) -> int:
     return (num_frames - 1) * frame_stride + 1
 
 
+def video_fps(video_bytes: bytes) -> float | None:
+    """The video stream's average frame rate from the container header (no decoding), or None."""
+    try:
+        with av.open(io.BytesIO(video_bytes), mode="r") as container:
+            if not container.streams.video:
+                return None
+            rate = container.streams.video[0].average_rate or container.streams.video[0].base_rate
+            return float(rate) if rate else None
+    except (av.FFmpegError, OSError, EOFError, UnicodeDecodeError, ZeroDivisionError):
+        return None
+
+
+def stride_for_fps(source_fps: float, target_fps: float) -> int:
+    """The frame stride that samples a `source_fps` video closest to `target_fps` (at least 1)."""
+    if source_fps <= 0 or target_fps <= 0:
+        raise ValueError(f"frame rates must be > 0, got source {source_fps}, target {target_fps}")
+    return max(1, round(source_fps / target_fps))
+
+
 def decode_clip(
     video_bytes: bytes,
     num_frames: int,

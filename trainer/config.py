@@ -113,6 +113,8 @@ class DataConfig:
     num_frames: int = 17
     resolution: int = 256
     frame_stride: int = 1
+    # sample frames at (about) this rate instead of every frame_stride-th: stride = round(source fps / it)
+    target_fps: float | None = None
     batch_size: int = 1
     num_workers: int = 2
     shuffle_buffer: int = 64
@@ -129,6 +131,12 @@ class DataConfig:
             f"{self.resolution}: use {max(8, round(self.resolution / 8) * 8)}",
         )
         _require(self.frame_stride >= 1, f"data.frame_stride must be >= 1, got {self.frame_stride}")
+        if self.target_fps is not None:
+            _require(
+                self.target_fps > 0 and self.frame_stride == 1,
+                f"data.target_fps must be > 0 and replaces data.frame_stride (leave it at 1); got target_fps="
+                f"{self.target_fps}, frame_stride={self.frame_stride}",
+            )
         if self.restoration.enabled:
             _require(
                 self.resolution % self.restoration.scale == 0,
