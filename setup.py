@@ -20,6 +20,7 @@ setup(
         "deepspeed>=0.15",
         "webdataset>=0.2.90",
         "braceexpand",
+        "pillow",  # image samples, JPEG degradation
         "fsspec[http]>=2023.6",  # remote shards (http/https through aiohttp)
         "s3fs>=2023.6",  # s3:// shards
         "av>=12",

@@ -10,6 +10,7 @@ are reproducible:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -19,8 +20,10 @@ from itertools import count
 from random import Random
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -30,6 +33,7 @@ from data.video import VideoDecodeError, VideoTooShortError, decode_clip, stride
 
 logger = logging.getLogger("data")
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
 
 
@@ -283,6 +287,22 @@ class VideoShardDataset(IterableDataset):
                 "truncated_tar", url, "the data ends without the tar end-of-archive blocks"
             )
 
+    def _image_clip(self, data: bytes, where: str, epoch: int, sample: dict[str, Any]) -> torch.Tensor | None:
+        """(C, 1, H, W) clip of an image entry (jpg, png, webp), or None (counted) if it does not decode."""
+        if self.num_frames != 1:
+            self.skip_counter.skip(
+                "image_in_video_stream", where, f"an image is 1 frame, the clips have {self.num_frames}"
+            )
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                frames = torch.from_numpy(np.asarray(image.convert("RGB")).copy())[None]  # (1, H, W, 3)
+        except (OSError, ValueError, Image.DecompressionBombError) as exn:
+            self.skip_counter.skip("corrupt_image", where, exn)
+            return None
+        rng = Random(f"clip/{self.seed}/{epoch}/{os.path.basename(sample['__url__'])}/{sample['__key__']}")
+        return video_to_clip_tensor(frames, self.resolution, train=self.train, rng=rng, uint8=self.uint8)
+
     def _first_of_each_key(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """`samples` of one shard less the repeats of a key (counted): a key split by other keys' files comes twice."""
         seen: set[str] = set()
@@ -301,6 +321,9 @@ class VideoShardDataset(IterableDataset):
         where = f"{sample['__key__']} in {sample['__url__']}"
         video_ext = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
         if video_ext is None:
+            image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if image_ext is not None:  # an image is a 1-frame clip
+                return self._image_clip(sample[image_ext], where, epoch, sample)
             self.skip_counter.skip("missing_video", where, f"no video entry, only {_entries(sample)}")
             return None
         frame_count = meta = None

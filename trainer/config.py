@@ -105,6 +105,11 @@ class DataConfig:
     # A brace pattern ("shards/train-{000000..000099}.tar"), a glob, or a list of paths.
     shards: str | list[str] = ""
     eval_shards: str | list[str] = ""
+    # Joint image-video training: image shards (KEY.jpg/png/webp, 1-frame clips) and the fraction of
+    # micro-batches taken from them (drawn per micro-batch from the seed, the same on every rank).
+    image_shards: str | list[str] = ""
+    image_ratio: float = 0.0
+    image_batch_size: int | None = None  # None: data.batch_size
     # fsspec options for s3:// gs:// http(s):// shards, e.g. {"client_kwargs": {"endpoint_url": ...}};
     # credentials otherwise come from the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +136,16 @@ class DataConfig:
             f"{self.resolution}: use {max(8, round(self.resolution / 8) * 8)}",
         )
         _require(self.frame_stride >= 1, f"data.frame_stride must be >= 1, got {self.frame_stride}")
+        _require(0 <= self.image_ratio < 1, f"data.image_ratio must be in [0, 1), got {self.image_ratio}")
+        _require(
+            (self.image_ratio > 0) == bool(self.image_shards),
+            "data.image_ratio > 0 and data.image_shards go together: give both (joint image-video training) "
+            "or neither",
+        )
+        _require(
+            self.image_batch_size is None or self.image_batch_size >= 1,
+            f"data.image_batch_size must be >= 1, got {self.image_batch_size}",
+        )
         if self.target_fps is not None:
             _require(
                 self.target_fps > 0 and self.frame_stride == 1,

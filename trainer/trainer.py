@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from random import Random
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,7 @@ class Trainer:
         self.global_step = 0  # completed optimizer steps
         self._seed_rank_rngs()
         self.data_resume_state: dict[str, Any] | None = None
+        self.image_resume_state: dict[str, Any] | None = None
         self._resume()
 
         self.train_shards, self.eval_sets = self._resolve_shards()
@@ -163,6 +165,7 @@ class Trainer:
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         self.data_resume_state = state.get("data")
+        self.image_resume_state = state.get("image_data")
         if "lecam" in state:
             self.loss.lecam.load_state_dict(state["lecam"])
         log.info("resumed from %s/%s: continuing at step %d", root, tag, self.global_step + 1)
@@ -216,7 +219,51 @@ class Trainer:
                 self.dist.world_size,
             ):
                 self.data_position = saved  # else the dataset starts a new pass (and says so)
+        self.image_batches = self._image_batches() if data.image_ratio > 0 else None
         return iter(build_dataloader(dataset, batch_size=data.batch_size, num_workers=data.num_workers))
+
+    def _image_batches(self) -> Iterator[dict[str, Any]]:
+        """Joint image-video training: 1-frame clips from data.image_shards, with their own position."""
+        data = self.config.data
+        dataset = build_video_dataset(
+            data.image_shards,
+            num_frames=1,
+            resolution=data.resolution,
+            storage_options=data.storage_options,
+            train=True,
+            seed=self.config.train.seed + 1,
+            shuffle_buffer=data.shuffle_buffer,
+            epoch_offset=self.global_step,
+            resume_state=self.image_resume_state,
+            uint8=True,
+        )
+        self.image_position = DataPosition(
+            data.num_workers, self.dist.world_size, epoch_offset=self.global_step
+        )
+        if self.image_resume_state:
+            saved = DataPosition.from_state(self.image_resume_state)
+            if (saved.num_workers, saved.world_size) == (
+                self.image_position.num_workers,
+                self.dist.world_size,
+            ):
+                self.image_position = saved
+        batch_size = data.image_batch_size or data.batch_size
+        return iter(build_dataloader(dataset, batch_size=batch_size, num_workers=data.num_workers))
+
+    def _next_batch(self, micro_step: int) -> tuple[dict[str, Any], bool]:
+        """The next micro-batch: from the image stream with probability data.image_ratio (the same draw on
+        every rank, so all ranks run the same kind of step), else from the video stream."""
+        ratio = self.config.data.image_ratio
+        if (
+            ratio > 0
+            and Random(f"image/{self.config.train.seed}/{self.global_step}/{micro_step}").random() < ratio
+        ):
+            batch = next(self.image_batches)
+            self.image_position.update(batch)
+            return batch, True
+        batch = next(self.train_batches)
+        self.data_position.update(batch)
+        return batch, False
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -255,10 +302,11 @@ class Trainer:
         start = time.perf_counter()
         data_wait = 0.0
         clips = 0
-        for _ in range(self.config.train.gradient_accumulation_steps):
+        image_batches = 0
+        for micro_step in range(self.config.train.gradient_accumulation_steps):
             fetch = time.perf_counter()
-            batch = next(self.train_batches)
-            self.data_position.update(batch)
+            batch, is_image = self._next_batch(micro_step)
+            image_batches += is_image
             data_wait += time.perf_counter() - fetch
             self.skipped.update(batch)
             # uint8 (B, C, T, H, W) -> float32 in [-1, 1], on the device
@@ -279,6 +327,7 @@ class Trainer:
             "perf/clips_per_sec": clips * self.dist.world_size / elapsed,
             "perf/step_time_s": elapsed,
             "perf/data_wait_fraction": data_wait / elapsed,
+            "data/image_batch_fraction": image_batches / self.config.train.gradient_accumulation_steps,
             "lr/generator": self.g_engine.get_lr()[0],
         }
         for name, engine in (("generator", self.g_engine), ("discriminator", self.d_engine)):
@@ -390,6 +439,7 @@ class Trainer:
             "lecam": self.loss.lecam.state_dict(),
             # where this rank's data stream is, so a resumed run sees the clips an uninterrupted one would
             "data": self.data_position.state(),
+            **({"image_data": self.image_position.state()} if self.image_batches is not None else {}),
         }
         return self.checkpointer.save(self.global_step, self.g_engine, self.d_engine, state)
 
