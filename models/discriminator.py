@@ -16,6 +16,20 @@ from torch.utils.checkpoint import checkpoint
 LEAKY_SLOPE = 0.2
 
 
+def init_discriminator_weights(model: nn.Module) -> None:
+    """taming-transformers' PatchGAN init, shared by every discriminator here: conv and linear weights
+    ~ N(0, 0.02), biases 0, GroupNorm affine 1 and 0. With GroupNorm before each conv the initial logits
+    stay O(1)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class DiscriminatorBlock3D(nn.Module):
     """Pre-activation residual block that halves T, H and W: T -> (T-1)//2 + 1, so 4k+1 -> 2k+1 and 1 -> 1.
 
@@ -89,13 +103,7 @@ class Discriminator3D(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv3d):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_discriminator_weights(self)
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False

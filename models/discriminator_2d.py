@@ -17,6 +17,8 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.discriminator import init_discriminator_weights
+
 LEAKY_SLOPE = 0.2
 HEAD_KINDS = ("patch", "pooled")
 
@@ -183,14 +185,7 @@ class MagvitDiscriminator2D(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d | nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_discriminator_weights(self)
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False

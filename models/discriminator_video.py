@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from models.discriminator import LEAKY_SLOPE, DiscriminatorBlock3D
+from models.discriminator import LEAKY_SLOPE, DiscriminatorBlock3D, init_discriminator_weights
 
 
 def _widths(
@@ -48,19 +48,6 @@ def _widths(
 def _check_video(x: torch.Tensor, in_channels: int) -> None:
     if x.ndim != 5 or x.shape[1] != in_channels:
         raise ValueError(f"expected a video of shape (B, {in_channels}, T, H, W), got {tuple(x.shape)}")
-
-
-def _init_weights(model: nn.Module) -> None:
-    # taming-transformers' PatchGAN init, as Discriminator3D: with GroupNorm before each conv the initial
-    # logits stay O(1)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 def _run_blocks(
@@ -204,7 +191,7 @@ class HybridDiscriminator3D(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_weights(self)
+        init_discriminator_weights(self)
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False
@@ -332,7 +319,7 @@ class CausalDiscriminator3D(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_weights(self)
+        init_discriminator_weights(self)
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.discriminator import init_discriminator_weights
+
 LEAKY_SLOPE = 0.2
 KERNEL_SIZE = 4
 PADDING = 1
@@ -102,14 +104,7 @@ class _NLayerPatchGAN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d | nn.Conv3d):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_discriminator_weights(self)
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False
