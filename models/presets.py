@@ -6,6 +6,7 @@ from typing import Any
 
 from models.autoencoder import AutoencoderConfig, CausalVideoAutoencoder
 from models.discriminator import Discriminator3D
+from models.discriminator_set import DISCRIMINATOR_SIZES
 
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # CPU tests and demos: still 4 levels, so 8x spatial and 4x temporal compression hold.
@@ -14,11 +15,8 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     "cogvideox": AutoencoderConfig(),
 }
 
-# Constructor arguments of Discriminator3D.
-DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"base_channels": 16, "channel_multipliers": (1, 2, 4, 4), "num_groups": 8},
-    "default": {"base_channels": 64, "channel_multipliers": (1, 2, 4, 4), "num_groups": 32},
-}
+# Constructor arguments of Discriminator3D: the "3d" sizes of the discriminator set.
+DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = DISCRIMINATOR_SIZES["3d"]
 
 
 def _preset(presets: dict[str, Any], kind: str, name: str) -> Any:

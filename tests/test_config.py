@@ -138,13 +138,14 @@ def test_missing_or_invalid_file(tmp_path):
 def test_cluster_recipe_loads_and_its_models_build_on_the_meta_device():
     import torch
 
-    from models import build_autoencoder, build_discriminator
+    from models import build_autoencoder
 
     config = load_config(REPO / "configs" / "cogvideo_vae.json")
     assert config.model.preset == "cogvideox" and config.data.num_frames == 17
     assert config.deepspeed.zero_stage == 2 and config.deepspeed.bf16
     assert config.loss.lpips.pretrained and config.loss.disc_start > 0
     with torch.device("meta"):
-        autoencoder = build_autoencoder(config.model.preset)
-        build_discriminator(config.discriminator.preset)
+        autoencoder = build_autoencoder(config.model.preset, **config.model.autoencoder_overrides())
+        discriminators = config.discriminator.build()  # the set the recipe trains
+    assert discriminators.output_keys == ["3d"]
     assert sum(p.numel() for p in autoencoder.parameters()) == 215_583_907
