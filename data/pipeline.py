@@ -97,6 +97,24 @@ class DataPosition:
             "epoch_offset": self.epoch_offset,
         }
 
+    @staticmethod
+    def resumable(state: Mapping[str, Any] | None, num_workers: int, world_size: int) -> bool:
+        """Whether a saved state resumes exactly with this many workers and ranks (else: a new pass)."""
+        return (
+            bool(state)
+            and state.get("num_workers") == max(num_workers, 1)
+            and state.get("world_size", world_size) == world_size
+        )
+
+    @classmethod
+    def start(
+        cls, num_workers: int, world_size: int, epoch_offset: int, resume_state: Mapping[str, Any] | None
+    ) -> DataPosition:
+        """The position a run tracks: the saved one when its stream resumes from it, else a fresh one."""
+        if cls.resumable(resume_state, num_workers, world_size):
+            return cls.from_state(resume_state)
+        return cls(num_workers, world_size, epoch_offset)
+
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> DataPosition:
         position = cls(int(state["num_workers"]), int(state["world_size"]), int(state.get("epoch_offset", 0)))
@@ -214,10 +232,7 @@ class VideoShardDataset(IterableDataset):
         state = self.resume_state
         if not state:
             return physical, self.epoch_offset, 0
-        if (
-            state.get("num_workers") != num_workers
-            or state.get("world_size", self.world_size) != self.world_size
-        ):
+        if not DataPosition.resumable(state, num_workers, self.world_size):
             logger.warning(
                 "data position saved with %s workers x %s ranks, now %d x %d: starting a new pass instead of "
                 "resuming exactly",

@@ -209,16 +209,10 @@ class Trainer:
             resume_state=self.data_resume_state,
             uint8=True,  # converted on the device (train_step): workers ship a quarter of the bytes
         )
-        self.data_position = DataPosition(
-            data.num_workers, self.dist.world_size, epoch_offset=self.global_step
+        # the saved position when the dataset resumes from it, else (it says so) a fresh one
+        self.data_position = DataPosition.start(
+            data.num_workers, self.dist.world_size, self.global_step, self.data_resume_state
         )
-        if self.data_resume_state:
-            saved = DataPosition.from_state(self.data_resume_state)
-            if (saved.num_workers, saved.world_size) == (
-                self.data_position.num_workers,
-                self.dist.world_size,
-            ):
-                self.data_position = saved  # else the dataset starts a new pass (and says so)
         self.image_batches = self._image_batches() if data.image_ratio > 0 else None
         return iter(build_dataloader(dataset, batch_size=data.batch_size, num_workers=data.num_workers))
 
@@ -237,16 +231,9 @@ class Trainer:
             resume_state=self.image_resume_state,
             uint8=True,
         )
-        self.image_position = DataPosition(
-            data.num_workers, self.dist.world_size, epoch_offset=self.global_step
+        self.image_position = DataPosition.start(
+            data.num_workers, self.dist.world_size, self.global_step, self.image_resume_state
         )
-        if self.image_resume_state:
-            saved = DataPosition.from_state(self.image_resume_state)
-            if (saved.num_workers, saved.world_size) == (
-                self.image_position.num_workers,
-                self.dist.world_size,
-            ):
-                self.image_position = saved
         batch_size = data.image_batch_size or data.batch_size
         return iter(build_dataloader(dataset, batch_size=batch_size, num_workers=data.num_workers))
 
