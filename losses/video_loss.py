@@ -253,7 +253,23 @@ class VideoAutoencoderLoss(nn.Module):
         if not active:
             return {}
         real, fake = self.pick_frames(inputs, recon)
-        return {name: module(real, fake).float().mean() for name, module in active}
+        terms = {}
+        # VGG losses that share one trunk (the trainer builds them so) take one pass over each batch of
+        # frames for all their layers, instead of one pass per loss.
+        by_trunk: dict[int, list[tuple[str, nn.Module]]] = {}
+        for name, module in active:
+            if hasattr(module, "loss_from_features"):
+                by_trunk.setdefault(id(module.backbone), []).append((name, module))
+            else:
+                terms[name] = module(real, fake).float().mean()
+        for sharing in by_trunk.values():
+            trunk = sharing[0][1].backbone
+            layers = list(dict.fromkeys(layer for _, module in sharing for layer in module.layers))
+            with torch.autocast(real.device.type, enabled=False):
+                real_features, fake_features = trunk(real, layers), trunk(fake, layers)
+                for name, module in sharing:
+                    terms[name] = module.loss_from_features(real_features, fake_features).float().mean()
+        return terms
 
     def nll_loss(self, inputs: Tensor, recon: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Reconstruction + weighted perceptual terms: what the adaptive weight balances against.

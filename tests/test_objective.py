@@ -292,3 +292,29 @@ def test_forward_needs_a_discriminator_once_adversarial():
         loss(x, x, 0, 0)
     with pytest.raises(ValueError, match="optimizer_idx must be 0"):
         VideoAutoencoderLoss(perceptual_weight=0.0, disc_start=10)(x, x, 2, 0)
+
+
+def test_vgg_perceptual_and_style_losses_sharing_a_trunk_take_one_pass_per_batch():
+    from losses.perceptual import GramStyleLoss, VGG19Features, VGGPerceptualLoss
+
+    torch.manual_seed(0)
+    trunk = VGG19Features({"relu1_2": 1.0, "relu2_2": 1.0}, pretrained=False)
+    perceptual = VGGPerceptualLoss({"relu1_2": 1.0, "relu2_2": 0.5}, distance="cosine", backbone=trunk)
+    style = GramStyleLoss({"relu2_2": 1.0}, backbone=trunk)
+    loss = VideoAutoencoderLoss(
+        perceptual_weight=0.0,
+        perceptual_frames=0,
+        vgg_perceptual=perceptual,
+        vgg_perceptual_weight=1.0,
+        style=style,
+        style_weight=1.0,
+    )
+    calls = []
+    trunk.register_forward_hook(lambda *_: calls.append(1))
+    inputs = _clips(1, seed=0)[:, :, :3]
+    recon = inputs + 0.1 * torch.randn_like(inputs)
+    terms = loss.perceptual_terms(inputs, recon)
+    assert len(calls) == 2  # real and reconstructed frames, once each for both losses
+    real, fake = loss.pick_frames(inputs, recon)  # every frame (perceptual_frames=0), in a random order
+    assert terms["vgg_perceptual"].item() == pytest.approx(perceptual(real, fake).mean().item(), rel=1e-6)
+    assert terms["style"].item() == pytest.approx(style(real, fake).mean().item(), rel=1e-6)
