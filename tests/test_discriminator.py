@@ -88,7 +88,11 @@ def test_bf16_forward_backward_with_checkpointing() -> None:
     torch.manual_seed(0)
     model = build_discriminator("tiny", gradient_checkpointing=True).to(torch.bfloat16).train()
     video = torch.rand(2, 3, 9, 32, 32, dtype=torch.bfloat16) * 2 - 1
-    logits = model(video)
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
-    logits.float().mean().backward()
+    # Native CPU kernels: torch 2.13's oneDNN bf16 conv3d backward returns non-finite weight gradients for
+    # small inputs in some runs (about 1 in 2 here, before any change of ours; see trainer.py's CPU bf16
+    # warning). The native kernels are correct, and they are bf16 kernels too.
+    with torch.backends.mkldnn.flags(enabled=False):
+        logits = model(video)
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+        logits.float().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())
