@@ -1,7 +1,10 @@
-"""Video data: webdataset shards -> decoded, cropped clips (C, T, H, W) in [-1, 1]; demo shards."""
+"""Video data: webdataset shards -> decoded, cropped clips (C, T, H, W) in [-1, 1], batched in the
+DataLoader workers (square crops or aspect-ratio buckets; epoch or resampled shard streams); demo shards."""
 
 from data.demo import DemoShards, ensure_demo_shards, write_demo_shards
 from data.pipeline import (
+    MODES,
+    SKIP_REASONS,
     DataPosition,
     SkipCounter,
     SkippedSamples,
@@ -12,9 +15,11 @@ from data.pipeline import (
     expand_shards,
 )
 from data.transforms import crop, resize_shorter_side, to_model_range, video_to_clip_tensor
-from data.video import VideoDecodeError, VideoTooShortError, clip_span, decode_clip
+from data.video import VideoDecodeError, VideoTooShortError, clip_span, decode_clip, decode_frames
 
 __all__ = [
+    "MODES",
+    "SKIP_REASONS",
     "DataPosition",
     "DemoShards",
     "SkipCounter",
@@ -28,6 +33,7 @@ __all__ = [
     "collate_clips",
     "crop",
     "decode_clip",
+    "decode_frames",
     "ensure_demo_shards",
     "expand_shards",
     "resize_shorter_side",

@@ -26,16 +26,45 @@ def resize_shorter_side(video: torch.Tensor, size: int) -> torch.Tensor:
         if height <= width
         else (max(size, round(height * scale)), size)
     )
+    return resize(video, new_hw)
+
+
+def resize(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (T, H, W, C) frames to `size` (height, width): bilinear with antialiasing, the input's dtype."""
+    if tuple(video.shape[1:3]) == tuple(size):
+        return video
     # (T, H, W, C) viewed as (T, C, H, W) is channels_last, the layout torch's CPU kernels want.
     frames = rearrange(video, "t h w c -> t c h w")
     if frames.dtype != torch.uint8 or frames.device.type != "cpu":
         frames = frames.float()
     # On CPU torch has a native uint8 antialiased bilinear kernel: about 10-50x faster than float
     # and equal to it within 1 grey level, so uint8 frames are resized without conversion.
-    frames = F.interpolate(frames, size=new_hw, mode="bilinear", antialias=True, align_corners=False)
+    frames = F.interpolate(frames, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
     if video.dtype == torch.uint8 and frames.dtype != torch.uint8:
         frames = frames.round_().clamp_(0, 255).to(torch.uint8)
     return rearrange(frames.to(video.dtype), "t c h w -> t h w c")
+
+
+def crop_window(
+    height: int, width: int, crop_h: int, crop_w: int, random: bool = False, rng: Random | None = None
+) -> tuple[int, int]:
+    """(top, left) of a `crop_h` x `crop_w` window in `height` x `width` frames: uniform from `rng` when
+    `random` (two draws, top then left, even when one has a single choice), else centred."""
+    if crop_h > height or crop_w > width:
+        raise ValueError(f"cannot crop {crop_h}x{crop_w} from frames of {height}x{width}; resize first")
+    if random:
+        rng = rng or Random()
+        return rng.randint(0, height - crop_h), rng.randint(0, width - crop_w)
+    return (height - crop_h) // 2, (width - crop_w) // 2
+
+
+def cover_window(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The largest (h, w) window of `height` x `width` frames with the aspect ratio of `size` (rounded):
+    resizing it to `size` is resizing the frames to cover `size` (shorter side first), then cropping."""
+    target_h, target_w = size
+    if width * target_h > height * target_w:  # the frames are wider than the target: full height
+        return height, min(width, (2 * height * target_w + target_h) // (2 * target_h))
+    return min(height, (2 * width * target_h + target_w) // (2 * target_w)), width
 
 
 def crop(
@@ -47,13 +76,7 @@ def crop(
     """
     crop_h, crop_w = (size, size) if isinstance(size, int) else size
     _, height, width, _ = video.shape
-    if crop_h > height or crop_w > width:
-        raise ValueError(f"cannot crop {crop_h}x{crop_w} from frames of {height}x{width}; resize first")
-    if random:
-        rng = rng or Random()
-        top, left = rng.randint(0, height - crop_h), rng.randint(0, width - crop_w)
-    else:
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    top, left = crop_window(height, width, crop_h, crop_w, random=random, rng=rng)
     return video[:, top : top + crop_h, left : left + crop_w]
 
 

@@ -19,6 +19,7 @@ here, they arrive; see test_decoder_judged_kinds_are_counted_or_decode.
 
 import io
 import json
+import re
 import struct
 import tarfile
 from collections import Counter
@@ -32,6 +33,7 @@ from PIL import Image
 
 from data import SkippedSamples, build_dataloader, build_video_dataset, video_to_clip_tensor
 from data.demo import encode_mp4
+from data.pipeline import SKIP_REASONS
 from data.video import VideoDecodeError, VideoTooShortError, decode_clip
 
 NUM_FRAMES, RESOLUTION = 9, 32
@@ -342,6 +344,7 @@ def test_direct_iteration_counts_every_bad_sample_and_keeps_every_good_one(corpu
     for (_, key), payload in corpus.good.items():
         assert torch.equal(by_key[key]["video"], clip_of(payload)), key  # its own payload, the first copy
     assert samples[-1]["skipped"] == corpus.bad.total()
+    assert samples[-1]["skipped_by_reason"] == {reason: corpus.bad[reason] for reason in SKIP_REASONS}
 
 
 def test_dataloader_with_two_workers_delivers_the_same(corpus):
@@ -359,6 +362,21 @@ def test_dataloader_with_two_workers_delivers_the_same(corpus):
     expected = {w: sum(corpus.bad_by_shard[name] for name in names[w::2]) for w in range(2)}
     assert skipped.latest == expected
     assert skipped.total == corpus.bad.total()
+    # per reason: every reason a key (0 when none), summed over the workers, adding up to the total
+    by_reason = skipped.by_reason()
+    assert list(by_reason) == list(SKIP_REASONS)
+    assert by_reason == {reason: corpus.bad[reason] for reason in SKIP_REASONS}
+    assert sum(by_reason.values()) == skipped.total
+    assert set(corpus.bad) <= set(SKIP_REASONS)
+
+
+def test_every_skip_reason_in_the_data_package_is_in_skip_reasons():
+    """SKIP_REASONS lists exactly the reasons data/*.py skips for (each call names its reason literally)."""
+    sources = "".join(path.read_text() for path in sorted((Path(__file__).parents[1] / "data").glob("*.py")))
+    used = re.findall(r"\.skip\(\s*\"([a-z_]+)\"", sources)
+    assert len(used) == sources.count(".skip("), "a skip reason that is not a string literal"
+    assert set(used) == set(SKIP_REASONS)
+    assert len(set(SKIP_REASONS)) == len(SKIP_REASONS)
 
 
 def test_decoder_judged_kinds_are_counted_or_decode(corpus):

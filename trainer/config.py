@@ -46,6 +46,11 @@ class TrainConfig:
     # Optional check: data.batch_size x gradient_accumulation_steps x world size must equal it.
     global_batch_size: int | None = None
     progress_bar: bool = True
+    # Published checkpoints to keep (the newest ones); 0 keeps all.
+    keep_checkpoints: int = 3
+    # A step whose loss or gradient norm is NaN/Inf is skipped on every rank; after this many skips in
+    # a row the run saves a checkpoint (its weights are the last good ones) and stops. 0: never stop.
+    max_consecutive_skips: int = 20
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -59,6 +64,14 @@ class TrainConfig:
             f"train.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}",
         )
         _require(self.output_dir != "", "train.output_dir must not be empty")
+        _require(
+            self.keep_checkpoints >= 0,
+            f"train.keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}",
+        )
+        _require(
+            self.max_consecutive_skips >= 0,
+            f"train.max_consecutive_skips must be >= 0 (0 never stops), got {self.max_consecutive_skips}",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,7 +113,8 @@ class RestorationConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    """Where clips come from and how they are cut: 4k+1 frames, square crops, values in [-1, 1]."""
+    """Where clips come from and how they are cut: 4k+1 frames, square crops (or aspect-ratio buckets),
+    values in [-1, 1]."""
 
     # A brace pattern ("shards/train-{000000..000099}.tar"), a glob, or a list of paths.
     shards: str | list[str] = ""
@@ -123,6 +137,12 @@ class DataConfig:
     batch_size: int = 1
     num_workers: int = 2
     shuffle_buffer: int = 64
+    # "epoch": each pass visits every shard once (shards split over ranks and workers); "resampled": an
+    # endless stream, each worker drawing shards with replacement from a seeded RNG (any shard count).
+    mode: Literal["epoch", "resampled"] = "epoch"
+    # Aspect-ratio buckets, [height, width] each (multiples of 8): a clip takes the bucket nearest its
+    # aspect ratio and a batch holds one bucket; empty: square crops of `resolution`.
+    buckets: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(
@@ -158,9 +178,26 @@ class DataConfig:
                 f"data.resolution={self.resolution} must be divisible by data.restoration.scale="
                 f"{self.restoration.scale}",
             )
+            _require(
+                all(
+                    h % self.restoration.scale == 0 and w % self.restoration.scale == 0
+                    for h, w in self.buckets
+                ),
+                f"data.buckets {self.buckets} must be divisible by data.restoration.scale={self.restoration.scale}",
+            )
         _require(self.batch_size >= 1, f"data.batch_size (per rank) must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        for height, width in self.buckets:
+            _require(
+                min(height, width) >= 8 and height % 8 == 0 and width % 8 == 0,
+                f"data.buckets sizes must be positive multiples of 8 (8x spatial compression); got "
+                f"[{height}, {width}]: use [{max(8, round(height / 8) * 8)}, {max(8, round(width / 8) * 8)}]",
+            )
+        _require(
+            len(set(map(tuple, self.buckets))) == len(self.buckets),
+            f"data.buckets has a size twice: {self.buckets}",
+        )
         if self.demo.enabled:
             _require(
                 not self.shards and not self.eval_shards,
@@ -393,12 +430,19 @@ class LossConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimizerConfig:
-    """AdamW settings for one engine; grad_clip 0 disables clipping."""
+    """AdamW settings and learning-rate schedule for one engine; grad_clip 0 disables clipping.
+
+    The schedule counts the engine's own optimizer steps (the discriminator's start at loss.disc_start):
+    a linear warm-up over `warmup_steps` to `lr`, then `constant`, or `cosine` down to lr x min_lr_ratio
+    at the end of training (train.max_steps, less disc_start for the discriminator)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.lr >= 0, f"lr must be >= 0, got {self.lr}")
@@ -408,6 +452,8 @@ class OptimizerConfig:
         )
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -433,15 +479,34 @@ class DeepSpeedConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class EMAConfig:
+    """An fp32 exponential moving average of the autoencoder's weights, updated after every optimizer step
+    and used for evaluation and export. The decay ramps up as min(decay, (1 + n) / (10 + n)) over the
+    first updates when `warmup` is set, so early averages do not hold on to the initial weights."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0 < self.decay < 1, f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass(kw_only=True, slots=True)
 class EvalConfig:
-    """Held-out reconstruction quality (PSNR), every `every` steps; 0 evaluates only at start and end."""
+    """Held-out reconstruction quality (PSNR, SSIM, LPIPS; with the EMA weights when ema.enabled), every
+    `every` steps; 0 evaluates only at start and end. The first `media_clips` clips of each evaluation
+    set are logged to TensorBoard as animated input|reconstruction GIFs."""
 
     every: int = 0
     max_clips: int = 32
     batch_size: int = 4
+    media_clips: int = 2
+    lpips: bool = True
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
+        _require(self.media_clips >= 0, f"eval.media_clips must be >= 0, got {self.media_clips}")
         _require(self.max_clips >= 1, f"eval.max_clips must be >= 1, got {self.max_clips}")
         _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
 
@@ -457,6 +522,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check_world_size(self, world_size: int) -> None:
