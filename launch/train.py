@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch.distributed as dist
 
 from trainer.config import ConfigError, load_config
-from trainer.trainer import Trainer
+from trainer.trainer import NonFiniteTrainingError, Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     try:
+        # "signal": SIGTERM/SIGUSR1 saved a checkpoint and stopped the run, a clean exit (resume continues it)
         trainer.train()
+    except NonFiniteTrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
         if dist.is_initialized():

@@ -166,14 +166,14 @@ class LeCamRegularizer(nn.Module):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.process_group)
         stats = stats.to(self.ema_real.device)
         mean_real, mean_fake = stats[0] / stats[1], stats[2] / stats[3]
+        # A batch with NaN/Inf logits (a step the trainer skips) leaves the EMAs as they were: the same
+        # decision on every rank, since the statistics are the all-reduced ones.
+        finite = torch.isfinite(stats).all()
         # torch.where rather than `if initialized`: no device-to-host sync on the GPU.
-        self.ema_real.copy_(
-            torch.where(self.initialized, torch.lerp(mean_real, self.ema_real, self.decay), mean_real)
-        )
-        self.ema_fake.copy_(
-            torch.where(self.initialized, torch.lerp(mean_fake, self.ema_fake, self.decay), mean_fake)
-        )
-        self.initialized.fill_(True)
+        for ema, mean in ((self.ema_real, mean_real), (self.ema_fake, mean_fake)):
+            updated = torch.where(self.initialized, torch.lerp(mean, ema, self.decay), mean)
+            ema.copy_(torch.where(finite, updated, ema))
+        self.initialized.logical_or_(finite)
 
     def penalty(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
         """mean(relu(logits_real - ema_fake)^2) + mean(relu(ema_real - logits_fake)^2), fp32 scalar;

@@ -144,6 +144,8 @@ def test_cluster_recipe_loads_and_its_models_build_on_the_meta_device():
     assert config.model.preset == "cogvideox" and config.data.num_frames == 17
     assert config.deepspeed.zero_stage == 2 and config.deepspeed.bf16
     assert config.loss.lpips.pretrained and config.loss.disc_start > 0
+    assert config.ema.enabled and config.optim.generator.warmup_steps > 0
+    assert config.discriminator.gradient_checkpointing
     with torch.device("meta"):
         autoencoder = build_autoencoder(config.model.preset, **config.model.autoencoder_overrides())
         discriminators = config.discriminator.build()  # the set the recipe trains

@@ -52,7 +52,15 @@ EXPECTED_SCALARS = {
     "lr/discriminator",
     "perf/clips_per_sec",
     "eval/psnr",
+    "eval/ssim",
+    "eval/lpips",
     "eval_unseen/psnr",
+    "grad_norm/generator",
+    "perf/data_wait_fraction",
+    "perf/peak_memory_gib",
+    "train/skipped_steps",
+    "data/skipped_samples",
+    "data/skipped/corrupt_video",
 }
 
 
@@ -92,12 +100,20 @@ def test_deepspeed_two_ranks_trains_logs_checkpoints_and_resumes(tmp_path):
     assert (demo_dir / "DONE").is_file() or any(demo_dir.glob("*.tar"))
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 4
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    for engine in ("generator", "discriminator"):
-        assert (run_dir / "checkpoints" / engine / "step_00000004").is_dir()
+    for engine in ("generator", "discriminator", "trainer"):
+        assert (run_dir / "checkpoints" / "step_00000004" / engine).is_dir()
 
     scalars = scalars_by_tag(run_dir)
     missing = EXPECTED_SCALARS - set(scalars)
     assert not missing, f"missing TensorBoard scalars: {sorted(missing)}"
+    # reconstructions next to their inputs, as animated GIFs (TensorBoard's Images tab plays them)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    for prefix in ("eval", "eval_unseen"):
+        gifs = events.Images(f"{prefix}/reconstruction/gif")
+        assert [image.step for image in gifs] == [0, 2, 4]
+        assert gifs[0].encoded_image_string.startswith(b"GIF89a")
+        assert (gifs[0].width, gifs[0].height) == (2 * 32, 2 * 32)  # input | recon, 2 clips in rows
     assert [step for step, _ in scalars["loss/rec"]] == [2, 4]
     assert all(math.isfinite(value) for series in scalars.values() for _, value in series)
     # The adversarial terms start at disc_start=2: step 2's window holds steps 1-2, step 4's holds 3-4.
@@ -131,6 +147,34 @@ def test_single_process_without_launcher(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert "1 rank(s)" in result.stdout + result.stderr
+
+
+def test_resampled_stream_with_aspect_ratio_buckets(tmp_path):
+    """data.mode=resampled and data.buckets reach the trainer: batches of one bucket's size train."""
+    command = [
+        sys.executable,
+        "launch/train.py",
+        "--config",
+        TINY,
+        *SMALL,
+        "train.max_steps=2",
+        f"train.output_dir={tmp_path / 'run'}",
+        f"data.demo.dir={tmp_path / 'demo'}",
+        "data.mode=resampled",
+        "data.buckets=[[32, 48], [48, 32]]",
+        "data.batch_size=2",
+        "eval.every=0",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    state = torch.load(
+        tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer" / "rank_00000.pt", weights_only=False
+    )
+    assert state["data"]["mode"] == "resampled"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/rec" in r] == [2]
 
 
 @pytest.mark.parametrize(
@@ -249,7 +293,7 @@ def test_tiny_run_with_every_term_of_the_objective(tmp_path, demo_dir):
     assert records[1]["loss/logvar"] != 0.0  # the log-variance trains
 
     state = torch.load(
-        run_dir / "checkpoints" / "trainer" / "step_00000003" / "rank_00000.pt", weights_only=False
+        run_dir / "checkpoints" / "step_00000003" / "trainer" / "rank_00000.pt", weights_only=False
     )
     saved = state["lecam"]
     assert sorted({key.split(".")[0] for key in saved}) == ["causal3d", "magvit2d", "magvit2d@2x"]

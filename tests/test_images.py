@@ -95,6 +95,6 @@ def test_joint_image_video_training_takes_image_batches_at_the_configured_ratio(
     assert 0 < sum(expected) < 6  # both kinds of step ran
     assert all(np.isfinite(record["loss/discriminator"]) for record in train)
     state = __import__("torch").load(
-        run_dir / "checkpoints" / "trainer" / "step_00000006" / "rank_00000.pt", weights_only=False
+        run_dir / "checkpoints" / "step_00000006" / "trainer" / "rank_00000.pt", weights_only=False
     )
     assert state["image_data"]["positions"] and state["data"]["positions"]

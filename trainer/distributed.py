@@ -37,6 +37,9 @@ def _fill_environment() -> None:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+        if per_node.isdigit():  # "8"; heterogeneous layouts ("8(x2),4") leave it to the world size
+            env.setdefault("LOCAL_WORLD_SIZE", per_node)
         if "MASTER_ADDR" not in env:
             nodes = env.get("SLURM_JOB_NODELIST", "127.0.0.1")
             # "node[001-004],other" -> "node001": the first host of a compressed list.
@@ -78,17 +81,29 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(value: float, device: torch.device) -> float:
-    """Sum of a scalar over ranks."""
-    total = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.item()
-
-
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     """True only if `flag` is true on every rank; every rank gets the same answer."""
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() == 1.0)
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """Largest value of a scalar over ranks."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return total.item()
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """Peak memory of this process so far: the accelerator's allocator peak on a GPU, else the peak
+    resident set size of the process (on Linux ru_maxrss is in KiB)."""
+    if device.type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        return float(get_accelerator().max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trainer.config import OptimizerConfig, RunConfig
+from trainer.schedule import scheduler_factory
 
 
 class GeneratorModule(nn.Module):
@@ -38,8 +39,11 @@ def deepspeed_config(config: RunConfig, optim: OptimizerConfig) -> dict[str, Any
     }
 
 
-def build_engine(module: nn.Module, optim: OptimizerConfig, config: RunConfig, device: torch.device):
-    """One DeepSpeed engine with its own AdamW over the module's trainable parameters."""
+def build_engine(
+    module: nn.Module, optim: OptimizerConfig, config: RunConfig, device: torch.device, total_steps: int
+):
+    """One DeepSpeed engine with its own AdamW over the module's trainable parameters and its own
+    learning-rate schedule over `total_steps` optimizer steps."""
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -51,15 +55,22 @@ def build_engine(module: nn.Module, optim: OptimizerConfig, config: RunConfig, d
         fused=device.type == "cuda",
     )
     engine, *_ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(config, optim), dist_init_required=False
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_factory(optim, total_steps),
+        config=deepspeed_config(config, optim),
+        dist_init_required=False,
     )
     return engine
 
 
 def build_engines(autoencoder: nn.Module, discriminator: nn.Module, config: RunConfig, device: torch.device):
     """(generator engine, discriminator engine), each with its optimizer settings from `optim`."""
-    g_engine = build_engine(autoencoder.to(device), config.optim.generator, config, device)
-    d_engine = build_engine(discriminator.to(device), config.optim.discriminator, config, device)
+    max_steps = config.train.max_steps
+    g_engine = build_engine(autoencoder.to(device), config.optim.generator, config, device, max_steps)
+    # the discriminator steps from loss.disc_start on
+    d_steps = max(max_steps - config.loss.disc_start, 1)
+    d_engine = build_engine(discriminator.to(device), config.optim.discriminator, config, device, d_steps)
     return g_engine, d_engine
 
 

@@ -9,7 +9,7 @@ discriminator step on the same reconstruction, detached.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -30,6 +30,16 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for param, trainable in zip(module.parameters(), was_trainable, strict=True):
             param.requires_grad_(trainable)
+
+
+def gathered(param: nn.Parameter | None):
+    """The whole `param` inside the block. ZeRO-3 keeps a parameter partitioned (empty on every rank) outside
+    its module's forward; at stages 0-2, or for None, this does nothing."""
+    if param is None:
+        return nullcontext()
+    from deepspeed.runtime.zero import GatheredParameters
+
+    return GatheredParameters([param])
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -59,6 +69,10 @@ class AdversarialStep:
         self.last_layer = LastLayerInput(self.autoencoder.last_layer)
         self.g_dtype = _dtype_of(self.autoencoder)
         self.d_dtype = _dtype_of(self.discriminator)
+        # Whether the last generator / discriminator micro-step's optimizer update was applied: None
+        # between accumulation boundaries, False when a non-finite gradient made it skip (`_optimizer_step`).
+        self.generator_applied: bool | None = None
+        self.discriminator_applied: bool | None = None
 
     def generator_step(
         self, video: torch.Tensor, global_step: int, target: torch.Tensor | None = None
@@ -121,13 +135,19 @@ class AdversarialStep:
             latent=terms.latent.detach(),
         )
         total = loss.generator_total(detached, adaptive_value, global_step)
-        self._check_finite(total, "generator")
         # d(surrogate)/d(recon) = grad_y: the generator gradient without a second decoder backward.
         surrogate = (recon.float() * grad_y).sum() + terms.latent
-        if grad_logvar:
-            surrogate = surrogate + (self.logvar.float() * grad_logvar[0].float()).sum()
-        self.g_engine.backward(surrogate)
-        self.g_engine.step()
+        # ZeRO-3 keeps the learned log-variance partitioned (empty) outside a forward of its own module: the
+        # loss's call gathered it and released it after. Whole again here, it takes its gradient into the
+        # engine, and is logged as a copy (the loss's entry is a view of the parameter: empty under ZeRO-3,
+        # and at any stage it would show the value after this step's update).
+        with gathered(self.logvar):
+            if grad_logvar:
+                surrogate = surrogate + (self.logvar.float() * grad_logvar[0].float()).sum()
+                terms.log["logvar"] = self.logvar.detach().float().squeeze(0).clone()
+            # A NaN/Inf loss makes NaN gradients: the optimizer step below skips them (see `_optimizer_step`).
+            self.g_engine.backward(surrogate)
+        self.generator_applied = _optimizer_step(self.g_engine)
 
         metrics = dict(terms.log)
         metrics.update(total=total, adaptive_weight=weight.detach())
@@ -174,15 +194,31 @@ class AdversarialStep:
                 "penalty_logits": _float_logits(self.discriminator(penalty_input)),
             }
         d_loss, metrics = loss.discriminator_loss(logits_real, logits_fake, global_step, **penalty)
-        self._check_finite(d_loss.detach(), "discriminator")
         self.d_engine.backward(d_loss)
-        self.d_engine.step()
+        self.discriminator_applied = _optimizer_step(self.d_engine)
         return metrics
 
-    def _check_finite(self, value: torch.Tensor, which: str) -> None:
-        # Every rank takes the same decision, so no rank is left waiting in a collective.
-        if not all_ranks_true(bool(torch.isfinite(value).all()), value.device):
-            raise FloatingPointError(
-                f"non-finite {which} loss on at least one rank; lower the learning rate, check the data, or "
-                f"resume from the last checkpoint"
-            )
+
+def _optimizer_step(engine) -> bool | None:
+    """engine.step(); at a gradient-accumulation boundary, whether the update was applied, the same on
+    every rank; None between boundaries.
+
+    A non-finite loss on any rank makes the reduced gradients non-finite on every rank. DeepSpeed then skips
+    the update (ZeRO 1-3, and bf16 at any stage: it checks the global gradient norm, clears the gradients,
+    and leaves the learning-rate schedule where it was). ZeRO-0 in fp32 has no such check, so it is done
+    here: non-finite gradients are dropped (set to None), which AdamW skips.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    dropped = False
+    if boundary and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        # ZeRO-0 all-reduces the gradients at the boundary, so every rank sees the same; the vote only
+        # guards against a rank disagreeing.
+        if not all_ranks_true(finite, grads[0].device if grads else torch.device("cpu")):
+            engine.optimizer.zero_grad(set_to_none=True)
+            dropped = True
+    engine.step()
+    if not boundary:
+        return None
+    return not dropped and engine.was_step_applied()

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,18 +16,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from data import DataPosition, SkippedSamples, build_dataloader, build_video_dataset, ensure_demo_shards
 from data.degrade import degrade
 from data.transforms import uint8_to_model_range
+from losses.lpips import LPIPS, LPIPSWeightsUnavailable
 from models import CausalVideoAutoencoder, build_autoencoder
 from models.convert import load_diffusers_folder
 from trainer.build import build_loss
-from trainer.checkpoint import AUTOENCODER_CONFIG_NAME, Checkpointer
+from trainer.checkpoint import AUTOENCODER_CONFIG_NAME, Checkpointer, step_tag
 from trainer.config import ConfigError, RunConfig, save_config
-from trainer.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from trainer.distributed import (
+    DistInfo,
+    all_ranks_true,
+    all_reduce_max,
+    barrier,
+    init_distributed,
+    peak_memory_bytes,
+)
+from trainer.ema import ModelEMA
 from trainer.engines import GeneratorModule, build_engines, restore_fp32_weights
 from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
+from trainer.quality import QualityMetrics
 from trainer.step import AdversarialStep
 
 log = logging.getLogger("trainer")
@@ -61,6 +73,10 @@ def _setup_logging(rank: int) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many steps in a row were skipped for NaN/Inf losses or gradients (train.max_consecutive_skips)."""
 
 
 class Trainer:
@@ -113,20 +129,34 @@ class Trainer:
             "bf16" if config.deepspeed.bf16 else "fp32",
         )
 
-        self.checkpointer = Checkpointer(self.run_dir, self.dist.rank)
+        self.checkpointer = Checkpointer(
+            self.run_dir, self.dist.rank, local_rank=self.dist.local_rank, keep=config.train.keep_checkpoints
+        )
+        self.ema = (
+            ModelEMA(self.step_fn.autoencoder, config.ema.decay, warmup=config.ema.warmup)
+            if config.ema.enabled
+            else None
+        )
         self.metrics: MetricsLogger = (
             TensorBoardLogger(self.run_dir) if self.dist.is_main else MetricsLogger()
         )
         self.accumulator = MetricAccumulator()
         self.global_step = 0  # completed optimizer steps
+        self.skipped_steps = 0  # steps whose update a NaN/Inf loss or gradient norm skipped
+        self.consecutive_skips = 0
+        self._eval_lpips: torch.nn.Module | None = None  # built on first use when the loss has none
+        self.stop_signal: int | None = None  # SIGTERM/SIGUSR1 received: save and stop after this step
         self._seed_rank_rngs()
         self.data_resume_state: dict[str, Any] | None = None
         self.image_resume_state: dict[str, Any] | None = None
         self._resume()
 
         self.train_shards, self.eval_sets = self._resolve_shards()
+        self._install_signal_handlers()  # before the DataLoader workers fork (see there)
         self.train_batches = self._train_batches()
+        # skipped-sample counts of the video and the image stream (their worker ids overlap)
         self.skipped = SkippedSamples()
+        self.image_skipped = SkippedSamples()
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -155,20 +185,32 @@ class Trainer:
         np.random.seed(seed % 2**32)
 
     def _resume(self) -> None:
-        found = self.checkpointer.resolve(self.config.train.resume)
-        if found is None:
+        checkpoint = self.checkpointer.resolve(self.config.train.resume)
+        if checkpoint is None:
             return
-        root, tag = found
-        state = self.checkpointer.load(root, tag, self.g_engine, self.d_engine)
+        state = self.checkpointer.load(checkpoint, self.g_engine, self.d_engine)
         self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         torch.set_rng_state(state["torch_rng"])
+        if "device_rng" in state and self.dist.device.type != "cpu":
+            get_accelerator().set_rng_state(state["device_rng"], self.dist.local_rank)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         self.data_resume_state = state.get("data")
         self.image_resume_state = state.get("image_data")
         if "lecam" in state:
             self.loss.lecam.load_state_dict(state["lecam"])
-        log.info("resumed from %s/%s: continuing at step %d", root, tag, self.global_step + 1)
+        if self.ema is not None:
+            ema_state = self.checkpointer.load_ema(checkpoint)
+            if ema_state is None:
+                log.warning("%s has no EMA weights: the EMA starts from the resumed weights", checkpoint)
+                self.ema = ModelEMA(
+                    self.step_fn.autoencoder, self.config.ema.decay, warmup=self.config.ema.warmup
+                )
+            else:
+                self.ema.load_state_dict(ema_state)
+        log.info("resumed from %s: continuing at step %d", checkpoint, self.global_step + 1)
 
     def _resolve_shards(self) -> tuple[str | list[str], dict[str, str | list[str]]]:
         """Training shards, and the evaluation sets by metric prefix."""
@@ -208,13 +250,18 @@ class Trainer:
             epoch_offset=self.global_step,
             resume_state=self.data_resume_state,
             uint8=True,  # converted on the device (train_step): workers ship a quarter of the bytes
+            mode=data.mode,
+            buckets=data.buckets,
         )
         # the saved position when the dataset resumes from it, else (it says so) a fresh one
         self.data_position = DataPosition.start(
-            data.num_workers, self.dist.world_size, self.global_step, self.data_resume_state
+            data.num_workers, self.dist.world_size, self.global_step, self.data_resume_state, mode=data.mode
         )
         self.image_batches = self._image_batches() if data.image_ratio > 0 else None
-        return iter(build_dataloader(dataset, batch_size=data.batch_size, num_workers=data.num_workers))
+        # Starting a DataLoader draws its base seed from the global torch RNG; the clips do not depend on
+        # it (the pipeline seeds itself), so it must not shift the stream a resumed run restored.
+        with torch.random.fork_rng(devices=[]):
+            return iter(build_dataloader(dataset, batch_size=data.batch_size, num_workers=data.num_workers))
 
     def _image_batches(self) -> Iterator[dict[str, Any]]:
         """Joint image-video training: 1-frame clips from data.image_shards, with their own position."""
@@ -230,12 +277,14 @@ class Trainer:
             epoch_offset=self.global_step,
             resume_state=self.image_resume_state,
             uint8=True,
+            mode=data.mode,
         )
         self.image_position = DataPosition.start(
-            data.num_workers, self.dist.world_size, self.global_step, self.image_resume_state
+            data.num_workers, self.dist.world_size, self.global_step, self.image_resume_state, mode=data.mode
         )
         batch_size = data.image_batch_size or data.batch_size
-        return iter(build_dataloader(dataset, batch_size=batch_size, num_workers=data.num_workers))
+        with torch.random.fork_rng(devices=[]):  # see _train_batches
+            return iter(build_dataloader(dataset, batch_size=batch_size, num_workers=data.num_workers))
 
     def _next_batch(self, micro_step: int) -> tuple[dict[str, Any], bool]:
         """The next micro-batch: from the image stream with probability data.image_ratio (the same draw on
@@ -254,8 +303,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def train(self) -> None:
-        """Train until train.max_steps, then save and evaluate once more."""
+    def train(self) -> str:
+        """Train until train.max_steps, then save and evaluate once more. Returns why it stopped: "done",
+        or "signal" when SIGTERM/SIGUSR1 asked it to (after saving a checkpoint). Raises
+        NonFiniteTrainingError after train.max_consecutive_skips skipped steps in a row (after saving)."""
         cfg = self.config.train
         if self.global_step == 0 and self.eval_sets:
             self.evaluate()
@@ -263,39 +314,103 @@ class Trainer:
         if self.dist.is_main and cfg.progress_bar:
             from tqdm import tqdm
 
+            # tqdm's bar shows the rate and the ETA from it
             progress = tqdm(total=cfg.max_steps, initial=self.global_step, desc="train", dynamic_ncols=True)
         last_saved = self.global_step
-        while self.global_step < cfg.max_steps:
-            self.train_step()
-            self.global_step += 1
+        try:
+            while self.global_step < cfg.max_steps:
+                self.train_step()
+                self.global_step += 1
+                if progress is not None:
+                    progress.update(1)
+                if self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps:
+                    self._log_metrics(progress)
+                if self._stop_requested():
+                    name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+                    log.warning(
+                        "%s received: saving a checkpoint at step %d and stopping", name, self.global_step
+                    )
+                    if last_saved != self.global_step:
+                        self.save_checkpoint()
+                    return "signal"
+                if cfg.max_consecutive_skips and self.consecutive_skips >= cfg.max_consecutive_skips:
+                    self._stop_non_finite(last_saved)
+                if (
+                    self.config.eval.every
+                    and self.global_step % self.config.eval.every == 0
+                    and self.eval_sets
+                ):
+                    self.evaluate()
+                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = self.global_step
+        finally:
             if progress is not None:
-                progress.update(1)
-            if self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps:
-                self._log_metrics(progress)
-            if self.config.eval.every and self.global_step % self.config.eval.every == 0 and self.eval_sets:
-                self.evaluate()
-            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-                last_saved = self.global_step
-        if progress is not None:
-            progress.close()
+                progress.close()
         if last_saved != self.global_step:
             self.save_checkpoint()
         if self.eval_sets and not (self.config.eval.every and self.global_step % self.config.eval.every == 0):
             self.evaluate()
+        return "done"
+
+    def _stop_non_finite(self, last_saved: int) -> None:
+        # The skipped steps did not change the weights: this checkpoint holds the last good ones, with the
+        # data position past the batches that went wrong.
+        if last_saved != self.global_step:
+            self.save_checkpoint()
+        raise NonFiniteTrainingError(
+            f"{self.consecutive_skips} steps in a row (up to step {self.global_step}) had a NaN/Inf loss or "
+            f"gradient norm and were skipped ({self.skipped_steps} in all); stopping. The checkpoint "
+            f"{step_tag(self.global_step)} holds the last good weights. Lower the learning rates, check the "
+            f"data, or raise train.max_consecutive_skips"
+        )
+
+    # --------------------------------------------------------------------------------------- signals
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM and SIGUSR1 (preemption, SLURM's --signal) ask for a checkpoint and a clean stop after
+        the current step. Installed before the DataLoader workers fork, so a signal sent to a whole process
+        group reaches them as this flag too instead of killing them."""
+        self._previous_handlers: dict[int, Any] = {}
+
+        def on_signal(signum: int, frame) -> None:
+            self.stop_signal = signum
+
+        try:
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous_handlers[signum] = signal.signal(signum, on_signal)
+        except ValueError:  # not the main thread (e.g. an embedding program): leave signals alone
+            log.warning("not in the main thread: SIGTERM/SIGUSR1 will not save a checkpoint")
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (one small all-reduce, so every rank stops together)."""
+        return not all_ranks_true(self.stop_signal is None, self.dist.device)
+
+    # ------------------------------------------------------------------------------------------ step
 
     def train_step(self) -> None:
-        """One optimizer step of each engine (over gradient_accumulation_steps micro-batches)."""
+        """One optimizer step of each engine (over gradient_accumulation_steps micro-batches).
+
+        A step whose update either engine skipped (a NaN/Inf loss or gradient norm on any rank: see
+        trainer/step.py) is counted, its losses stay out of the logged averages, and the EMA is not
+        updated; the decision is the same on every rank."""
         start = time.perf_counter()
         data_wait = 0.0
         clips = 0
         image_batches = 0
+        adversarial = self.loss.adversarial_active(self.global_step)
+        step_metrics: list[dict[str, Any]] = []
         for micro_step in range(self.config.train.gradient_accumulation_steps):
             fetch = time.perf_counter()
             batch, is_image = self._next_batch(micro_step)
             image_batches += is_image
             data_wait += time.perf_counter() - fetch
-            self.skipped.update(batch)
+            (self.image_skipped if is_image else self.skipped).update(batch)
             # uint8 (B, C, T, H, W) -> float32 in [-1, 1], on the device
             video = uint8_to_model_range(batch["video"].to(self.dist.device, non_blocking=True))
             clips += video.shape[0]
@@ -305,9 +420,28 @@ class Trainer:
                 )
             else:
                 metrics, recon = self.step_fn.generator_step(video, self.global_step)
-            if self.loss.adversarial_active(self.global_step):
+            if adversarial:
                 metrics.update(self.step_fn.discriminator_step(video, recon, self.global_step))
-            self.accumulator.add({_METRIC_NAMES.get(k, k): v for k, v in metrics.items()})
+            step_metrics.append({_METRIC_NAMES.get(k, k): v for k, v in metrics.items()})
+        applied = bool(self.step_fn.generator_applied) and (
+            not adversarial or bool(self.step_fn.discriminator_applied)
+        )
+        applied = all_ranks_true(applied, self.dist.device)
+        if applied:
+            self.consecutive_skips = 0
+            for metrics in step_metrics:
+                self.accumulator.add(metrics)
+            if self.ema is not None:
+                self.ema.update(self.step_fn.autoencoder)
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            log.warning(
+                "step %d skipped: NaN/Inf loss or gradient norm (%d in a row, %d in all)",
+                self.global_step + 1,
+                self.consecutive_skips,
+                self.skipped_steps,
+            )
         elapsed = time.perf_counter() - start
         # Scalars are averaged over ranks when logged, so per-rank values x world size log as totals.
         perf = {
@@ -319,9 +453,9 @@ class Trainer:
         }
         for name, engine in (("generator", self.g_engine), ("discriminator", self.d_engine)):
             norm = engine.get_global_grad_norm()
-            if norm is not None and self._engine_stepped(name):
+            if norm is not None and applied and self._engine_stepped(name):
                 perf[f"grad_norm/{name}"] = float(norm)
-        if self.loss.adversarial_active(self.global_step):
+        if adversarial:
             perf["lr/discriminator"] = self.d_engine.get_lr()[0]
         self.accumulator.add(perf)
 
@@ -330,7 +464,11 @@ class Trainer:
 
     def _log_metrics(self, progress) -> None:
         scalars = self.accumulator.reduce(self.dist.device)
-        scalars["data/skipped_samples"] = all_reduce_sum(float(self.skipped.total), self.dist.device)
+        scalars.update(self._skipped_sample_scalars())
+        scalars["train/skipped_steps"] = float(self.skipped_steps)  # the same on every rank
+        scalars["perf/peak_memory_gib"] = (
+            all_reduce_max(peak_memory_bytes(self.dist.device), self.dist.device) / 2**30
+        )
         self.metrics.log(self.global_step, scalars)
         if self.dist.is_main:
             shown = {"rec": "loss/rec", "lpips": "loss/perceptual", "d": "loss/discriminator"}
@@ -348,25 +486,83 @@ class Trainer:
             else:
                 log.info(summary)
 
+    def _skipped_sample_scalars(self) -> dict[str, float]:
+        """Samples skipped so far (bad input), summed over ranks and both streams: the total and one
+        scalar per reason (every reason on every rank, so the reduction lines up)."""
+        video, image = self.skipped.by_reason(), self.image_skipped.by_reason()
+        reasons = sorted(video)
+        counts = torch.tensor(
+            [float(video[r] + image.get(r, 0)) for r in reasons], dtype=torch.float64, device=self.dist.device
+        )
+        if torch.distributed.is_initialized() and self.dist.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        scalars = {
+            f"data/skipped/{reason}": value for reason, value in zip(reasons, counts.tolist(), strict=True)
+        }
+        scalars["data/skipped_samples"] = float(counts.sum().item())
+        return scalars
+
     # ----------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
+    @torch.random.fork_rng(devices=[])  # training's random streams are the same with or without evaluation
     def evaluate(self) -> dict[str, float]:
-        """PSNR and L1 of posterior-mean reconstructions of every evaluation set, averaged over ranks."""
-        model = self.g_engine.module
+        """PSNR, SSIM, L1 and LPIPS of posterior-mean reconstructions of every evaluation set (with the
+        EMA weights when ema.enabled), averaged over ranks; reconstructions of the first clips to
+        TensorBoard as input|reconstruction GIFs."""
+        model, uses_engine = self._evaluation_model()
         was_training = model.training
         model.eval()
+        quality = QualityMetrics(self._evaluation_lpips())
         results: dict[str, float] = {}
         for prefix, shards in self.eval_sets.items():
-            results.update(self._evaluate_set(model, prefix, shards))
+            results.update(self._evaluate_set(model, quality, prefix, shards, uses_engine))
         model.train(was_training)
         self.metrics.log(self.global_step, results)
         return results
 
-    def _evaluate_set(self, model: torch.nn.Module, prefix: str, shards: str | list[str]) -> dict[str, float]:
+    def _evaluation_model(self) -> tuple[torch.nn.Module, bool]:
+        """(the autoencoder to evaluate, whether it is the engine's): with EMA, a plain copy holding the
+        averaged weights (not partitioned, so every rank runs it on its own)."""
+        if self.ema is None:
+            return self.step_fn.autoencoder, True
+        model = CausalVideoAutoencoder(self.step_fn.autoencoder.config)
+        model.load_state_dict(self.ema.weights())
+        return model.to(self.dist.device, self.step_fn.g_dtype), False
+
+    def _evaluation_lpips(self) -> torch.nn.Module | None:
+        """The loss's LPIPS network, or one built from loss.lpips for evaluation; None when eval.lpips is
+        off or its weights cannot be found (said once)."""
+        if not self.config.eval.lpips:
+            return None
+        if self.loss.lpips is not None:
+            return self.loss.lpips
+        if self._eval_lpips is None:
+            settings = self.config.loss.lpips
+            try:
+                self._eval_lpips = LPIPS(
+                    pretrained=settings.pretrained,
+                    weights_path=settings.weights_path,
+                    backbone_weights_path=settings.backbone_weights_path,
+                    download=settings.download,
+                ).to(self.dist.device)
+            except LPIPSWeightsUnavailable as err:
+                log.warning("evaluation without LPIPS: %s", err)
+                self.config.eval.lpips = False
+                return None
+        return self._eval_lpips
+
+    def _evaluate_set(
+        self,
+        model: torch.nn.Module,
+        quality: QualityMetrics,
+        prefix: str,
+        shards: str | list[str],
+        uses_engine: bool,
+    ) -> dict[str, float]:
         cfg, data = self.config.eval, self.config.data
         # Every rank reads the same eval stream and takes every world_size-th batch, so the ranks stay
-        # in step (a forward on some ranks only would hang under ZeRO-3).
+        # in step (with the engine's model under ZeRO-3 a forward on some ranks only would hang).
         dataset = build_video_dataset(
             shards,
             num_frames=data.num_frames,
@@ -381,7 +577,8 @@ class Trainer:
         loader = build_dataloader(dataset, batch_size=cfg.batch_size, num_workers=0, drop_last=False)
         max_batches = math.ceil(cfg.max_clips / cfg.batch_size)
         max_batches = max(self.dist.world_size, max_batches - max_batches % self.dist.world_size)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.dist.device)  # psnr sum, l1 sum, clips
+        totals = quality.accumulator(self.dist.device)
+        media_inputs, media_recons = [], []
         for index, batch in enumerate(loader):
             if index >= max_batches:
                 break
@@ -393,33 +590,44 @@ class Trainer:
                 noise = torch.Generator(device=video.device).manual_seed(index)
                 inputs = degrade(video, self.degradation, noise)
             recon = model(inputs.to(self.step_fn.g_dtype), sample_posterior=False).recon.float().clamp(-1, 1)
-            mse = (recon - video).pow(2).flatten(1).mean(dim=1)
-            # Peak-to-peak range of [-1, 1] is 2, so PSNR = 10 log10(2^2 / MSE).
-            totals[0] += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).sum().double()
-            totals[1] += (recon - video).abs().flatten(1).mean(dim=1).sum().double()
-            totals[2] += video.shape[0]
-        if torch.distributed.is_initialized() and self.dist.world_size > 1:
-            torch.distributed.all_reduce(totals)
-        if totals[2] == 0:
+            totals.add(quality(recon, video))
+            wanted = cfg.media_clips - sum(len(v) for v in media_inputs)
+            if self.dist.is_main and wanted > 0:
+                media_inputs.append(video[:wanted].cpu())
+                media_recons.append(recon[:wanted].cpu())
+        reduced = totals.reduce()
+        clips = reduced.pop("clips")
+        if clips == 0:
             log.warning("evaluation found no clips in %s", shards)
             return {}
-        psnr, l1 = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+        if media_inputs:
+            self.metrics.log_media(
+                self.global_step, f"{prefix}/reconstruction", torch.cat(media_inputs), torch.cat(media_recons)
+            )
         log.info(
-            "%s at step %d: PSNR %.2f dB, L1 %.4f over %d clips",
+            "%s at step %d%s: %s over %d clips",
             prefix,
             self.global_step,
-            psnr,
-            l1,
-            int(totals[2]),
+            "" if uses_engine else " (EMA weights)",
+            ", ".join(f"{name} {value:.4f}" for name, value in reduced.items()),
+            clips,
         )
-        return {f"{prefix}/psnr": psnr, f"{prefix}/l1": l1}
+        return {f"{prefix}/{name}": value for name, value in reduced.items()}
 
     # ---------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
         state = {
             "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "torch_rng": torch.get_rng_state(),
+            # the accelerator's generator (posterior samples on a GPU are drawn from it)
+            **(
+                {"device_rng": get_accelerator().get_rng_state(self.dist.local_rank)}
+                if self.dist.device.type != "cpu"
+                else {}
+            ),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             # regulariser state of the loss (LeCam EMAs, identical on every rank)
@@ -428,8 +636,10 @@ class Trainer:
             "data": self.data_position.state(),
             **({"image_data": self.image_position.state()} if self.image_batches is not None else {}),
         }
-        return self.checkpointer.save(self.global_step, self.g_engine, self.d_engine, state)
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        return self.checkpointer.save(self.global_step, self.g_engine, self.d_engine, state, ema_state)
 
     def close(self) -> None:
+        self._restore_signal_handlers()
         self.step_fn.last_layer.remove()
         self.metrics.close()
