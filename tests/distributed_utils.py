@@ -45,3 +45,19 @@ def run_ranks(fn: Callable, out_dir: Path, *args: Any, world_size: int = 2) -> l
         start_method="spawn",
     )
     return [torch.load(out_dir / f"rank_{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# A small, quick run of configs/tiny.json: 4 demo train shards of 4 clips (2 ranks x 1 worker need >= 2
+# shards), 9 frames at 32 px, one clip per rank and step. Tests add their own overrides after these
+# (later overrides of the same key win).
+SMALL_DEMO_RUN = [
+    "data.demo.train_shards=4",
+    "data.demo.eval_shards=2",
+    "data.demo.clips_per_shard=4",
+    "data.resolution=32",
+    "data.batch_size=1",
+    "data.num_workers=1",
+    "data.shuffle_buffer=4",
+    "train.progress_bar=false",
+    "eval.batch_size=2",
+]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distributed_utils import free_port
+from distributed_utils import SMALL_DEMO_RUN, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.json"
@@ -22,20 +22,12 @@ pytestmark = pytest.mark.distributed
 
 # Small and quick: 4 train shards of 4 clips (2 ranks x 1 worker need >= 2 shards), 9 frames at 32 px.
 SMALL = [
-    "data.demo.train_shards=4",
-    "data.demo.eval_shards=2",
-    "data.demo.clips_per_shard=4",
-    "data.resolution=32",
-    "data.batch_size=1",
-    "data.num_workers=1",
-    "data.shuffle_buffer=4",
+    *SMALL_DEMO_RUN,
     "loss.disc_start=2",
     "train.log_every=2",
     "train.checkpoint_every=2",
-    "train.progress_bar=false",
     "eval.every=2",
     "eval.max_clips=4",
-    "eval.batch_size=2",
 ]
 
 EXPECTED_SCALARS = {

@@ -23,26 +23,18 @@ import psutil
 import pytest
 import torch
 
-from distributed_utils import free_port
+from distributed_utils import SMALL_DEMO_RUN, free_port
 from trainer.export import consolidated_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 SMALL = [
-    "data.demo.train_shards=4",
-    "data.demo.eval_shards=2",
-    "data.demo.clips_per_shard=4",
-    "data.resolution=32",
-    "data.batch_size=1",
-    "data.num_workers=1",
-    "data.shuffle_buffer=4",
+    *SMALL_DEMO_RUN,
     "loss.disc_start=2",
     "train.log_every=1",
-    "train.progress_bar=false",
     "eval.every=0",
     "eval.max_clips=2",
-    "eval.batch_size=2",
     "eval.media_clips=0",
 ]
 

@@ -12,24 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from distributed_utils import free_port
+from distributed_utils import SMALL_DEMO_RUN, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 SMALL = [
-    "data.demo.train_shards=4",
-    "data.demo.eval_shards=2",
-    "data.demo.clips_per_shard=4",
-    "data.resolution=32",
-    "data.batch_size=1",
+    *SMALL_DEMO_RUN,
     "data.num_workers=0",
     "loss.disc_start=1",
     "train.max_steps=2",
     "train.log_every=1",
-    "train.progress_bar=false",
     "eval.max_clips=2",
-    "eval.batch_size=2",
 ]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +109,15 @@ def peak_memory_bytes(device: torch.device) -> float:
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def gathered(params: Iterable[torch.nn.Parameter | None]) -> contextlib.AbstractContextManager:
+    """The whole parameters inside the block when ZeRO-3 partitions them (each rank holds an empty
+    tensor outside its module's forward): a read-only gather, a collective every rank must join. Does
+    nothing for parameters ZeRO-3 does not manage (stages 0-2) and for None."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)

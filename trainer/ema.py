@@ -8,24 +8,10 @@ joins). Buffers are not averaged: they are copied.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
-
-@contextlib.contextmanager
-def gathered(module: nn.Module) -> Iterator[None]:
-    """Full parameters of `module` inside the block, also when ZeRO-3 partitions them (read only)."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+from trainer.distributed import gathered
 
 
 class ModelEMA:
@@ -35,7 +21,7 @@ class ModelEMA:
         self.decay = decay
         self.warmup = warmup
         self.updates = 0
-        with gathered(module), torch.no_grad():
+        with gathered(module.parameters()), torch.no_grad():
             self.params = {name: p.detach().float().clone() for name, p in module.named_parameters()}
             self.buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
 
@@ -47,7 +33,7 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         decay = self.current_decay()
-        with gathered(module):
+        with gathered(module.parameters()):
             for name, param in module.named_parameters():
                 self.params[name].lerp_(param.detach().float(), 1 - decay)
             for name, buffer in module.named_buffers():

@@ -9,7 +9,7 @@ discriminator step on the same reconstruction, detached.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from losses.adaptive import LastLayerInput, last_layer_weight_grad
 from losses.gan import lazy_penalty_scale
 from losses.video_loss import VideoAutoencoderLoss, as_logits_dict, split_features
-from trainer.distributed import all_ranks_true
+from trainer.distributed import all_ranks_true, gathered
 
 
 @contextmanager
@@ -30,16 +30,6 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for param, trainable in zip(module.parameters(), was_trainable, strict=True):
             param.requires_grad_(trainable)
-
-
-def gathered(param: nn.Parameter | None):
-    """The whole `param` inside the block. ZeRO-3 keeps a parameter partitioned (empty on every rank) outside
-    its module's forward; at stages 0-2, or for None, this does nothing."""
-    if param is None:
-        return nullcontext()
-    from deepspeed.runtime.zero import GatheredParameters
-
-    return GatheredParameters([param])
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -141,7 +131,7 @@ class AdversarialStep:
         # loss's call gathered it and released it after. Whole again here, it takes its gradient into the
         # engine, and is logged as a copy (the loss's entry is a view of the parameter: empty under ZeRO-3,
         # and at any stage it would show the value after this step's update).
-        with gathered(self.logvar):
+        with gathered([self.logvar]):
             if grad_logvar:
                 surrogate = surrogate + (self.logvar.float() * grad_logvar[0].float()).sum()
                 terms.log["logvar"] = self.logvar.detach().float().squeeze(0).clone()
