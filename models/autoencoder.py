@@ -360,9 +360,9 @@ class Decoder3D(nn.Module):
             pieces.append(h if whole_conv_out else self.conv_out(h, cache))
             cache = cache.next_chunk()
         # nothing may follow conv_out: the trainer's adaptive GAN weight assumes the output IS its output
-        if whole_conv_out:
-            return self.conv_out(torch.cat(pieces, dim=2))
-        return torch.cat(pieces, dim=2)
+        # (one chunk: no copy)
+        features = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+        return self.conv_out(features) if whole_conv_out else features
 
     def _features(self, z: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         """One latent chunk -> the input of conv_out, (B, widths[0], frames, H, W)."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce
+from einops import reduce
 from torch import nn
 
 # diffusers builds the GroupNorm of every SpatialNorm3D, and the encoder's norm_out, with eps=1e-6 whatever
@@ -27,6 +27,44 @@ SPATIAL_NORM_EPS = 1e-6
 # CogVideoX's "safe" conv splits inputs above 2 GiB worth of bf16/fp16 elements (2**30 elements) along
 # time, which keeps cuDNN within its 32-bit indexing limits for large clips.
 SAFE_CONV_MAX_ELEMENTS = 2**30
+
+# torch's CPU dispatch (aten/src/ATen/native/Convolution.cpp, `use_mkldnn`) sends an fp32 conv with batch 1,
+# one group, stride 1 and a kernel of at most 3x3 to its native vol2col kernels when N*C*T*H <= 20480:
+# the low-resolution levels of a video VAE. Those run 2-5x slower than oneDNN here (bench/step.py).
+_NATIVE_CONV_MAX = 20480
+
+
+def _native_cpu_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...], groups: int) -> bool:
+    """Whether torch would run this conv with its slow native CPU kernels although oneDNN could."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[0] == 1
+        and groups == 1
+        and all(s == 1 for s in stride)
+        and weight.shape[0] % 2 == 0
+        and weight.shape[-1] > 1  # 1x1 kernels: the native GEMM is as fast (measured)
+        and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_CONV_MAX
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
+def conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int, int] = 1,
+    padding: int | tuple[int, int, int] = 0,
+) -> torch.Tensor:
+    """`F.conv3d` (dilation 1, one group), steered to oneDNN on the CPU where torch would pick its slow
+    native kernels: the same convolution written with two groups, each group seeing the whole input
+    (repeated on the channel axis) and producing half of the output channels."""
+    stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+    if _native_cpu_conv(x, weight, stride, 1):
+        # (B, C, T, H, W) -> (B, 2C, T, H, W); weight (Cout, C, ...) is already the 2-group weight
+        return F.conv3d(torch.cat([x, x], dim=1), weight, bias, stride, padding, groups=2)
+    return F.conv3d(x, weight, bias, stride, padding)
 
 
 def temporal_chunks(length: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -92,6 +130,14 @@ class SafeConv3d(nn.Conv3d):
     Only used with temporal stride 1, dilation 1 and no temporal padding (causal padding is applied outside).
     """
 
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        plain = self.groups == 1 and self.padding_mode == "zeros" and all(d == 1 for d in self.dilation)
+        if plain and not isinstance(self.padding, str):
+            return conv3d(input, weight, bias, self.stride, self.padding)
+        return super()._conv_forward(input, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_parts = x.numel() // SAFE_CONV_MAX_ELEMENTS + 1
         chunkable = self.stride[0] == 1 and self.dilation[0] == 1 and self.padding[0] == 0
@@ -132,13 +178,34 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.time_pad > 0:
             past = cache.past_frames(self) if cache is not None else None
-            if past is None:
-                past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
             # (B, C, T, H, W) -> (B, C, T + kernel_t - 1, H, W)
-            x = torch.cat([past, x], dim=2)
+            if past is None:
+                x = _ReplicateFirstFrame.apply(x, self.time_pad)
+            else:
+                x = torch.cat([past, x], dim=2)
             if cache is not None:
                 cache.store(self, x[:, :, -self.time_pad :])
         return self.conv(x)
+
+
+class _ReplicateFirstFrame(torch.autograd.Function):
+    """(B, C, T, H, W) -> (B, C, pad + T, H, W), the first frame repeated `pad` times in front.
+
+    The same as `cat([x[:, :, :1].expand(..., pad, ...), x])`, whose backward builds a zero tensor of x's
+    size for the slice, copies into it and adds it to the rest; this one copies the gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pad: int) -> torch.Tensor:
+        ctx.pad = pad
+        return torch.cat([x[:, :, :1].expand(-1, -1, pad, -1, -1), x], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        pad = ctx.pad
+        grad_x = grad[:, :, pad:].clone()
+        grad_x[:, :, :1] += grad[:, :, :pad].sum(dim=2, keepdim=True)
+        return grad_x, None
 
 
 class SpatialNorm3D(nn.Module):
@@ -162,7 +229,11 @@ class SpatialNorm3D(nn.Module):
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         frames = f.shape[2]
-        if frames > 1 and _holds_first_frame(cache):
+        split_first = frames > 1 and _holds_first_frame(cache)
+        factors = _nearest_factors(zq.shape[2:], f.shape[2:], split_first)
+        if factors is not None:
+            return self._modulate_broadcast(f, zq, cache, split_first, *factors)
+        if split_first:
             # (B, Cz, t, h, w) -> (B, Cz, 1, H, W) ++ (B, Cz, T - 1, H, W)
             first = F.interpolate(zq[:, :, :1], size=(1, *f.shape[-2:]))
             rest = F.interpolate(zq[:, :, 1:], size=(frames - 1, *f.shape[-2:]))
@@ -170,6 +241,53 @@ class SpatialNorm3D(nn.Module):
         else:
             zq = F.interpolate(zq, size=f.shape[-3:])
         return self.norm_layer(f) * self.conv_y(zq, cache) + self.conv_b(zq, cache)
+
+    def _modulate_broadcast(
+        self,
+        f: torch.Tensor,
+        zq: torch.Tensor,
+        cache: CausalCache | None,
+        split_first: bool,
+        time_factor: int,
+        height_factor: int,
+        width_factor: int,
+    ) -> torch.Tensor:
+        """The same numbers without resizing zq to f's size: a 1x1x1 conv commutes with nearest
+        resizing, so conv_y and conv_b run at the latent's resolution, are repeated in time and width
+        there (1/height_factor of f's size), and broadcast over rows in one fused multiply-add."""
+
+        def repeat(x: torch.Tensor) -> torch.Tensor:
+            # (B, C, t, h, w) -> (B, C, T, h, W); T = 1 + (t - 1) * factor with the first frame apart
+            if time_factor > 1 and split_first:
+                x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(time_factor, dim=2)], dim=2)
+            elif time_factor > 1:
+                x = x.repeat_interleave(time_factor, dim=2)
+            return x.repeat_interleave(width_factor, dim=4) if width_factor > 1 else x
+
+        y, b = repeat(self.conv_y(zq, cache)), repeat(self.conv_b(zq, cache))
+        # (B, C, T, H, W) -> (B, C, T, h, sh, W) against (B, C, T, h, 1, W): rows broadcast, W contiguous
+        normed = self.norm_layer(f).unflatten(3, (y.shape[3], height_factor))
+        return torch.addcmul(b.unsqueeze(4), normed, y.unsqueeze(4)).flatten(3, 4)
+
+
+def _power_of_two_ratio(out_size: int, in_size: int) -> int | None:
+    if in_size < 1 or out_size % in_size:
+        return None
+    ratio = out_size // in_size
+    return ratio if ratio & (ratio - 1) == 0 else None
+
+
+def _nearest_factors(
+    zq_size: torch.Size, f_size: torch.Size, split_first: bool
+) -> tuple[int, int, int] | None:
+    """(time, height, width) repeat factors that equal F.interpolate(mode="nearest") from zq's (t, h, w) to
+    f's (T, H, W) (with the first frame resized on its own when `split_first`); None when a ratio is not a
+    power of two (torch's float scale then need not pick every ratio-th source pixel exactly)."""
+    t, h, w = zq_size
+    frames, height, width = f_size
+    time = _power_of_two_ratio(frames - 1, t - 1) if split_first else _power_of_two_ratio(frames, t)
+    factors = (time, _power_of_two_ratio(height, h), _power_of_two_ratio(width, w))
+    return None if None in factors else factors
 
 
 class ResnetBlock3D(nn.Module):
@@ -238,11 +356,10 @@ class Downsample3D(nn.Module):
             else:
                 # (B, C, 2k, H, W) -> (B, C, k, H, W)
                 x = reduce(x, "b c (t pair) h w -> b c t h w", "mean", pair=2)
-        frames = x.shape[2]
         # pad right/bottom only, so an even size halves exactly: (.., H, W) -> (.., H/2, W/2)
         x = F.pad(x, (0, 1, 0, 1))
-        x = self.conv(rearrange(x, "b c t h w -> (b t) c h w"))
-        return rearrange(x, "(b t) c h w -> b c t h w", t=frames)
+        # the 2D conv per frame, as a 1x3x3 conv3d: no (B, C, T, H, W) <-> (B*T, C, H, W) copies
+        return conv3d(x, self.conv.weight[:, :, None], self.conv.bias, stride=(1, 2, 2))
 
 
 class Upsample3D(nn.Module):
@@ -268,9 +385,8 @@ class Upsample3D(nn.Module):
         else:
             # (B, C, T, H, W) -> (B, C, T, 2H, 2W)
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0))
-        frames = x.shape[2]
-        x = self.conv(rearrange(x, "b c t h w -> (b t) c h w"))
-        return rearrange(x, "(b t) c h w -> b c t h w", t=frames)
+        # the 2D conv per frame, as a 1x3x3 conv3d: no (B, C, T, H, W) <-> (B*T, C, H, W) copies
+        return conv3d(x, self.conv.weight[:, :, None], self.conv.bias, padding=(0, 1, 1))
 
 
 class DownBlock3D(nn.Module):

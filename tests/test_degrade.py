@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from local_engine import LocalEngine
 
 from data.degrade import Degradation, blur, degrade, gaussian_kernel
 from losses import VideoAutoencoderLoss
@@ -76,24 +76,6 @@ def test_restoration_config_is_checked_at_load():
     assert config.data.restoration.degradation() == Degradation(scale=2)
     with pytest.raises(ConfigError, match=r"divisible by data\.restoration\.scale"):
         load_config(TINY, ["data.restoration.enabled=true", "data.restoration.scale=3"])
-
-
-class LocalEngine:
-    """Stands in for a DeepSpeed engine in one process: forward, backward and step of a plain module."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad()
 
 
 def test_generator_step_compares_the_output_with_the_clean_target():
