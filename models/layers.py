@@ -154,6 +154,18 @@ class SafeConv3d(nn.Conv3d):
         return torch.cat(parts, dim=2)
 
 
+class FrameConv2d(nn.Conv2d):
+    """A `nn.Conv2d` (same weights and state dict) applied to every frame of a (B, C, T, H, W) tensor, run
+    as a 1xKxK conv3d on the 5D tensor: no (B, C, T, H, W) <-> (B*T, C, H, W) copies.
+
+    The conv is this module's own forward, so ZeRO-3 gathers its partitioned weight around it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3d(
+            x, self.weight[:, :, None], self.bias, stride=(1, *self.stride), padding=(0, *self.padding)
+        )
+
+
 class CausalConv3d(nn.Module):
     """3D conv that is causal in time: the first frame is repeated `kernel_t - 1` times in front, or, in
     a later temporal chunk, the previous chunk's last `kernel_t - 1` input frames (from the cache).
@@ -343,7 +355,7 @@ class Downsample3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, compress_time: bool):
         super().__init__()
         self.compress_time = compress_time
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
+        self.conv = FrameConv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.compress_time and x.shape[2] > 1:
@@ -358,8 +370,7 @@ class Downsample3D(nn.Module):
                 x = reduce(x, "b c (t pair) h w -> b c t h w", "mean", pair=2)
         # pad right/bottom only, so an even size halves exactly: (.., H, W) -> (.., H/2, W/2)
         x = F.pad(x, (0, 1, 0, 1))
-        # the 2D conv per frame, as a 1x3x3 conv3d: no (B, C, T, H, W) <-> (B*T, C, H, W) copies
-        return conv3d(x, self.conv.weight[:, :, None], self.conv.bias, stride=(1, 2, 2))
+        return self.conv(x)  # per frame: (.., T, H + 1, W + 1) -> (.., T, H/2, W/2)
 
 
 class Upsample3D(nn.Module):
@@ -370,7 +381,7 @@ class Upsample3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, compress_time: bool):
         super().__init__()
         self.compress_time = compress_time
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv = FrameConv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         frames = x.shape[2]
@@ -385,8 +396,7 @@ class Upsample3D(nn.Module):
         else:
             # (B, C, T, H, W) -> (B, C, T, 2H, 2W)
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0))
-        # the 2D conv per frame, as a 1x3x3 conv3d: no (B, C, T, H, W) <-> (B*T, C, H, W) copies
-        return conv3d(x, self.conv.weight[:, :, None], self.conv.bias, padding=(0, 1, 1))
+        return self.conv(x)  # per frame
 
 
 class DownBlock3D(nn.Module):

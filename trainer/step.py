@@ -202,7 +202,8 @@ def _optimizer_step(engine) -> bool | None:
     dropped = False
     if boundary and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        # one norm over all gradients (non-finite when an entry is), one device sync
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         # ZeRO-0 all-reduces the gradients at the boundary, so every rank sees the same; the vote only
         # guards against a rank disagreeing.
         if not all_ranks_true(finite, grads[0].device if grads else torch.device("cpu")):
