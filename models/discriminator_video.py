@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from models.discriminator import LEAKY_SLOPE, DiscriminatorBlock3D, init_discriminator_weights
+from models.layers import replicate_first_frame
 
 
 def _widths(
@@ -263,8 +264,7 @@ class CausalConv3dStrided(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, T, H, W) -> (B, C, T + kernel_size - 1, H, W) -> (B, Cout, T, H / stride, W / stride)
-        past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-        return self.conv(torch.cat([past, x], dim=2))
+        return self.conv(replicate_first_frame(x, self.time_pad))
 
 
 class CausalDiscriminatorBlock3D(nn.Module):
