@@ -28,7 +28,13 @@ import torch.distributed as dist
 
 from trainer.distributed import init_distributed
 from trainer.quality import QualityMetrics
-from trainer.tools import build_lpips, evaluation_batches, load_autoencoder, reconstruct_clip
+from trainer.tools import (
+    add_lpips_arguments,
+    evaluation_batches,
+    load_autoencoder,
+    lpips_from_args,
+    reconstruct_clip,
+)
 
 METRIC_ORDER = ("psnr", "ssim", "lpips", "l1", "clips")
 
@@ -48,12 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="clips per forward on each rank")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
     parser.add_argument("--no-ema", action="store_true", help="the trained weights, not the EMA ones")
-    lpips = parser.add_mutually_exclusive_group()
-    lpips.add_argument("--lpips-weights", default=None, help="LPIPS weights file (else the torch hub cache)")
-    lpips.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    lpips.add_argument(
-        "--lpips-random", action="store_true", help="LPIPS with random weights: for testing only"
-    )
+    add_lpips_arguments(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
@@ -91,12 +92,7 @@ def evaluate(args: argparse.Namespace, rank: int, world_size: int, device: torch
             max_clips=args.max_clips,
             num_workers=args.num_workers,
         )
-        lpips = build_lpips(
-            device,
-            enabled=not args.no_lpips,
-            weights_path=args.lpips_weights,
-            random_weights=args.lpips_random,
-        )
+        lpips = lpips_from_args(args, device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

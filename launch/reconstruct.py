@@ -33,12 +33,13 @@ import torch
 from trainer.tools import (
     ReconstructionScore,
     VideoWriter,
-    build_lpips,
+    add_lpips_arguments,
     default_device,
     frames_to_clip,
     is_image,
     iter_video,
     load_autoencoder,
+    lpips_from_args,
     parse_size,
     read_image,
     reconstruct_clip,
@@ -77,12 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision")
     parser.add_argument("--crf", type=int, default=18, help="H.264 quality of the output (lower: better)")
-    lpips = parser.add_mutually_exclusive_group()
-    lpips.add_argument("--lpips-weights", default=None, help="LPIPS weights file (else the torch hub cache)")
-    lpips.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    lpips.add_argument(
-        "--lpips-random", action="store_true", help="LPIPS with random weights: for testing only"
-    )
+    add_lpips_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -108,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--input {args.input} does not exist")
         model, weights = load_autoencoder(args.checkpoint, ema=not args.no_ema)
         device = torch.device(args.device) if args.device else default_device()
-        lpips = build_lpips(
-            device,
-            enabled=not args.no_lpips,
-            weights_path=args.lpips_weights,
-            random_weights=args.lpips_random,
-        )
+        lpips = lpips_from_args(args, device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ reconstruction is cropped back, so the output has the input's frame count and si
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -88,6 +89,23 @@ def build_lpips(
             LPIPS_HEADS_FILENAME,
         )
         return None
+
+
+def add_lpips_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lpips-weights FILE | --no-lpips | --lpips-random, read back by `lpips_from_args`."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--lpips-weights", default=None, help="LPIPS weights file (else the torch hub cache)")
+    group.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    group.add_argument(
+        "--lpips-random", action="store_true", help="LPIPS with random weights: for testing only"
+    )
+
+
+def lpips_from_args(args: argparse.Namespace, device: torch.device) -> LPIPS | None:
+    """`build_lpips` as the `add_lpips_arguments` options ask."""
+    return build_lpips(
+        device, enabled=not args.no_lpips, weights_path=args.lpips_weights, random_weights=args.lpips_random
+    )
 
 
 # ---------------------------------------------------------------------------------------------- media I/O
