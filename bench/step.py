@@ -259,7 +259,7 @@ def build(args: argparse.Namespace, device: torch.device):
     from trainer.build import build_loss
     from trainer.config import load_config
     from trainer.distributed import init_distributed
-    from trainer.engines import build_engines
+    from trainer.engines import build_engines, compile_autoencoder
     from trainer.step import AdversarialStep
 
     overrides = [
@@ -281,6 +281,8 @@ def build(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     widths = tuple(int(w) for w in args.widths.split(","))
     autoencoder = build_autoencoder("cogvideox", block_out_channels=widths, gradient_checkpointing=False)
+    if args.compile:
+        compile_autoencoder(autoencoder)  # as train.compile does; the weights are unchanged
     discriminator = config.discriminator.build()
     loss = build_loss(
         config.loss, discriminator.output_weights(config.loss.multiscale_adversarial_loss_weight)
@@ -352,6 +354,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
+    parser.add_argument(
+        "--compile", action="store_true", help="the project's autoencoder as train.compile runs it"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as init_distributed sets)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -61,7 +61,8 @@ def conv3d(
     native kernels: the same convolution written with two groups, each group seeing the whole input
     (repeated on the channel axis) and producing half of the output channels."""
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
-    if _native_cpu_conv(x, weight, stride, 1):
+    # under torch.compile the compiler picks the convolution's kernels itself
+    if not torch.compiler.is_compiling() and _native_cpu_conv(x, weight, stride, 1):
         # (B, C, T, H, W) -> (B, 2C, T, H, W); weight (Cout, C, ...) is already the 2-group weight
         return F.conv3d(torch.cat([x, x], dim=1), weight, bias, stride, padding, groups=2)
     return F.conv3d(x, weight, bias, stride, padding)
@@ -170,6 +171,12 @@ class FrameConv2d(nn.Conv2d):
     The conv is this module's own forward, so ZeRO-3 gathers its partitioned weight around it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # inductor (torch 2.13) fails to lower a strided 1xKxK conv3d (ValueRangeError); a conv2d over
+            # (B*T, C, H, W) it lowers, and it plans the layout changes itself
+            frames = x.shape[2]
+            out = super().forward(x.transpose(1, 2).flatten(0, 1))
+            return out.unflatten(0, (-1, frames)).transpose(1, 2)
         return conv3d(
             x, self.weight[:, :, None], self.bias, stride=(1, *self.stride), padding=(0, *self.padding)
         )

@@ -242,6 +242,29 @@ def test_tiny_run_trains_with_each_discriminator_type(tmp_path, demo_dir, kind):
     assert kind in result.stdout + result.stderr  # the log names the discriminators it built
 
 
+def test_tiny_run_with_a_compiled_autoencoder(tmp_path, demo_dir):
+    """train.compile reaches the trainer: it trains, evaluates (the compiled model in eval mode) and saves."""
+    run_dir = tmp_path / "run"
+    result = run_single_process(
+        run_dir,
+        demo_dir,
+        "train.max_steps=2",
+        "train.compile=true",
+        "eval.every=2",
+        "train.checkpoint_every=2",
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "autoencoder forward compiled with torch.compile" in result.stdout + result.stderr
+    records = train_records(run_dir)
+    assert [record["step"] for record in records] == [1, 2]
+    assert all(math.isfinite(record["loss/rec"]) and record["adaptive_weight"] > 0 for record in records)
+    evaluations = [
+        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/psnr" in r
+    ]
+    assert evaluations and math.isfinite(evaluations[0]["eval/psnr"])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
 def test_tiny_run_with_every_term_of_the_objective(tmp_path, demo_dir):
     """Two discriminators (one 2D at two scales), every loss term and regulariser on, then a resume."""
     run_dir = tmp_path / "run"

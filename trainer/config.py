@@ -51,6 +51,10 @@ class TrainConfig:
     # A step whose loss or gradient norm is NaN/Inf is skipped on every rank; after this many skips in
     # a row the run saves a checkpoint (its weights are the last good ones) and stops. 0: never stop.
     max_consecutive_skips: int = 20
+    # torch.compile the autoencoder's forward (and so its backward), static shapes; the discriminators
+    # stay eager. Same losses as eager (tests/test_compile.py); ZeRO stages 0-2. For GPUs, where it
+    # fuses norms and activations; on the 2-core CPU it measured slower (bench/RESULTS.md).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -524,6 +528,14 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.train.compile and self.deepspeed.zero_stage == 3),
+            "train.compile=true is supported with deepspeed.zero_stage 0, 1 or 2, not 3 (ZeRO-3 gathers "
+            "each submodule's parameters in hooks around its forward; that is not compiled or tested "
+            "here): set train.compile=false or deepspeed.zero_stage=2",
+        )
 
     def check_world_size(self, world_size: int) -> None:
         """Batch arithmetic that needs the world size: micro-batch x accumulation x ranks = global batch."""

@@ -24,6 +24,18 @@ class GeneratorModule(nn.Module):
         return self.autoencoder(*args, **kwargs)
 
 
+def compile_autoencoder(autoencoder: nn.Module) -> None:
+    """train.compile: torch.compile the module's forward in place (its state dict keeps its keys, and the
+    engine and the trainer's hooks see the same module), static shapes.
+
+    Random ops inside (the posterior sample) run torch's eager kernels, so a compiled run draws the same
+    noise from the same generator state as an eager one, and resumes exactly as it does."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    autoencoder.compile(dynamic=False)
+
+
 def deepspeed_config(config: RunConfig, optim: OptimizerConfig) -> dict[str, Any]:
     """The DeepSpeed config of one engine; both engines share batch sizes, precision and ZeRO stage."""
     return {

@@ -36,7 +36,7 @@ from trainer.distributed import (
     peak_memory_bytes,
 )
 from trainer.ema import ModelEMA
-from trainer.engines import GeneratorModule, build_engines, restore_fp32_weights
+from trainer.engines import GeneratorModule, build_engines, compile_autoencoder, restore_fp32_weights
 from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
 from trainer.quality import QualityMetrics
 from trainer.step import AdversarialStep
@@ -101,6 +101,9 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         autoencoder = self._build_autoencoder()
+        if config.train.compile:
+            compile_autoencoder(autoencoder)
+            log.info("autoencoder forward compiled with torch.compile (the first steps compile it)")
         discriminator = config.discriminator.build()
         self.loss = build_loss(config.loss, discriminator.output_weights(1.0)).to(self.dist.device)
         # A learned log-variance trains with the autoencoder, in its engine (DESIGN.md decision 1).
