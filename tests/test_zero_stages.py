@@ -24,7 +24,7 @@ from models import build_autoencoder
 from trainer.build import build_loss
 from trainer.config import load_config
 from trainer.distributed import init_distributed
-from trainer.engines import GeneratorModule, build_engines
+from trainer.engines import GeneratorModule, build_engine, build_engines
 from trainer.export import autoencoder_state_dict, consolidated_state_dict
 from trainer.step import AdversarialStep
 
@@ -89,6 +89,7 @@ def _stages_worker(rank: int, world_size: int, stages: list[int], steps: int) ->
         (record["final_logvar"],) = _full([step.logvar])
         record["final_logvar"] = record["final_logvar"].item()
         record["applied"] = (step.generator_applied, step.discriminator_applied)
+        record["allreduce"] = (g_engine.enable_backward_allreduce, d_engine.enable_backward_allreduce)
         step.last_layer.remove()
         results[stage] = record
     return results
@@ -112,6 +113,7 @@ def test_every_zero_stage_trains_like_zero_0(tmp_path):
         assert per_rank[0]["weight"] == per_rank[1]["weight"], (stage, per_rank)
         for record in per_rank:
             assert record["applied"] == (True, True), stage
+            assert record["allreduce"] == (True, True), stage  # skipped only on a single rank
             assert not any(record["d_changed_by_g"]), f"ZeRO-{stage}: the generator step moved D"
             values = [*record["weight"], *record["logvar"], *record["penalty"], *record["d_loss"]]
             assert all(math.isfinite(v) for v in values), (stage, record)
@@ -121,6 +123,43 @@ def test_every_zero_stage_trains_like_zero_0(tmp_path):
         assert got["penalty"] == pytest.approx(reference["penalty"], rel=RTOL), stage
         assert got["logvar"] == pytest.approx(reference["logvar"], rel=RTOL, abs=1e-7), stage
         assert got["final_logvar"] == pytest.approx(reference["final_logvar"], rel=RTOL), stage
+
+
+def _single_rank_worker(rank: int, world_size: int) -> dict[bool, tuple]:
+    """ZeRO-0 on one rank, fp32 and bf16: two steps with DeepSpeed's gradient all-reduce skipped (as
+    build_engine sets it) and with it forced on; the weights after each."""
+    dist_info = init_distributed()
+    results = {}
+    for bf16 in (False, True):
+        config = load_config(TINY, [f"deepspeed.bf16={str(bf16).lower()}", "deepspeed.zero_stage=0"])
+        weights, skipped = {}, []
+        for allreduce in (False, True):
+            torch.manual_seed(0)
+            module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 1))
+            initial = [p.detach().clone() for p in module.parameters()]
+            engine = build_engine(module, config.optim.generator, config, dist_info.device, total_steps=10)
+            skipped.append(not engine.enable_backward_allreduce)
+            engine.enable_backward_allreduce = allreduce
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), device=dist_info.device)
+            for _ in range(2):
+                engine.backward(engine(x.to(next(module.parameters()).dtype)).float().square().mean())
+                engine.step()
+            weights[allreduce] = [p.detach().float().clone() for p in engine.module.parameters()]
+            trained = any(
+                not torch.equal(a.float(), b) for a, b in zip(initial, weights[allreduce], strict=True)
+            )
+        results[bf16] = (skipped, weights, trained)
+    return results
+
+
+def test_zero_0_on_one_rank_skips_the_gradient_all_reduce_and_trains_the_same(tmp_path):
+    (results,) = run_ranks(_single_rank_worker, tmp_path, world_size=1)
+    for bf16, (skipped, weights, trained) in results.items():
+        assert skipped == [True, True], bf16
+        assert trained, bf16
+        # averaging over one rank is the identity: the same weights to the bit
+        for without, with_allreduce in zip(weights[False], weights[True], strict=True):
+            assert torch.equal(without, with_allreduce), bf16
 
 
 # ---------------------------------------------------------------------------------------- Trainer

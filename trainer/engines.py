@@ -44,7 +44,7 @@ def deepspeed_config(config: RunConfig, optim: OptimizerConfig) -> dict[str, Any
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": config.deepspeed.bf16},
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        # A torch AdamW object: no JIT-compiled optimizer op on CPU, fused kernels on CUDA.
+        # A torch AdamW object (see build_engine): no JIT-compiled DeepSpeed optimizer op.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -64,7 +64,8 @@ def build_engine(
         lr=optim.lr,
         betas=optim.betas,
         weight_decay=optim.weight_decay,
-        fused=device.type == "cuda",
+        # torch's fused kernels (CUDA, and CPU: 3x the foreach step there); other accelerators: foreach
+        fused=device.type in ("cuda", "cpu"),
     )
     engine, *_ = deepspeed.initialize(
         model=module,
@@ -73,6 +74,11 @@ def build_engine(
         config=deepspeed_config(config, optim),
         dist_init_required=False,
     )
+    if config.deepspeed.zero_stage == 0 and engine.dp_world_size == 1:
+        # ZeRO-0 all-reduces the gradients through flat buffers after every backward: a copy of every
+        # gradient, the collective and a copy back (250 ms a step in bench/step.py). Over one rank that is
+        # the identity, so it is skipped. (ZeRO 1-3 keep theirs: their optimizers' bookkeeping is in it.)
+        engine.enable_backward_allreduce = False
     return engine
 
 
