@@ -34,13 +34,12 @@ SAFE_CONV_MAX_ELEMENTS = 2**30
 _NATIVE_CONV_MAX = 20480
 
 
-def _native_cpu_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...], groups: int) -> bool:
-    """Whether torch would run this conv with its slow native CPU kernels although oneDNN could."""
+def _native_cpu_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether torch would run this one-group conv with its slow native CPU kernels although oneDNN could."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.shape[0] == 1
-        and groups == 1
         and all(s == 1 for s in stride)
         and weight.shape[0] % 2 == 0
         and weight.shape[-1] > 1  # 1x1 kernels: the native GEMM is as fast (measured)
@@ -62,7 +61,7 @@ def conv3d(
     (repeated on the channel axis) and producing half of the output channels."""
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
     # under torch.compile the compiler picks the convolution's kernels itself
-    if not torch.compiler.is_compiling() and _native_cpu_conv(x, weight, stride, 1):
+    if not torch.compiler.is_compiling() and _native_cpu_conv(x, weight, stride):
         # (B, C, T, H, W) -> (B, 2C, T, H, W); weight (Cout, C, ...) is already the 2-group weight
         return F.conv3d(torch.cat([x, x], dim=1), weight, bias, stride, padding, groups=2)
     return F.conv3d(x, weight, bias, stride, padding)

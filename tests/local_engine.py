@@ -1,5 +1,6 @@
 """A one-process stand-in for a DeepSpeed engine: what trainer/step.py's AdversarialStep uses of one
-(forward, backward, step and the ZeRO-0 fp32 queries its non-finite check asks), over a plain module."""
+(forward, backward, step and the ZeRO-0 fp32 queries its non-finite check asks), over a plain module; and
+the error measure the tests comparing two recorded steps use."""
 
 import torch
 
@@ -46,3 +47,9 @@ class RecordingEngine(LocalEngine):
     def step(self) -> None:
         self.grads = {n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None}
         self.module.zero_grad(set_to_none=True)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the largest entry of `expected` (in float64)."""
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()

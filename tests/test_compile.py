@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_engine import RecordingEngine
+from local_engine import RecordingEngine, relative_error
 
 from losses import VideoAutoencoderLoss
 from models import build_autoencoder, build_discriminator_set
@@ -33,10 +33,6 @@ def _one_step(autoencoder, discriminator, video):
     metrics, recon = step.generator_step(video, global_step=0)
     d_metrics = step.discriminator_step(video, recon, global_step=0)
     return {**metrics, **d_metrics}, step.g_engine.grads, step.d_engine.grads
-
-
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def test_compiled_autoencoder_gives_the_same_losses_and_gradients():
@@ -59,9 +55,9 @@ def test_compiled_autoencoder_gives_the_same_losses_and_gradients():
         assert metrics[name].item() == pytest.approx(expected.item(), rel=LOSS_TOLERANCE, abs=1e-7), name
     assert g_grads.keys() == eager_g.keys() and d_grads.keys() == eager_d.keys()
     for name, expected in eager_g.items():
-        assert _relative(g_grads[name], expected) < GRAD_TOLERANCE, name
+        assert relative_error(g_grads[name], expected) < GRAD_TOLERANCE, name
     for name, expected in eager_d.items():
-        assert _relative(d_grads[name], expected) < GRAD_TOLERANCE, name
+        assert relative_error(d_grads[name], expected) < GRAD_TOLERANCE, name
 
 
 def test_compile_with_zero_3_is_refused_at_load():

@@ -116,8 +116,7 @@ def test_deepspeed_two_ranks_trains_logs_checkpoints_and_resumes(tmp_path):
     assert "continuing at step 5" in second.stdout + second.stderr
     assert "demo shards not found" not in second.stdout + second.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [record["step"] for record in records if "loss/rec" in record]
+    train_steps = [record["step"] for record in train_records(run_dir)]
     assert train_steps == [2, 4, 6]  # the resumed run went on with steps 5 and 6 and did not redo 1-4
 
 
@@ -165,8 +164,7 @@ def test_resampled_stream_with_aspect_ratio_buckets(tmp_path):
         tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer" / "rank_00000.pt", weights_only=False
     )
     assert state["data"]["mode"] == "resampled"
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss/rec" in r] == [2]
+    assert [r["step"] for r in train_records(tmp_path / "run")] == [2]
 
 
 @pytest.mark.parametrize(
@@ -221,9 +219,14 @@ def run_single_process(run_dir: Path, demo: Path, *overrides: str) -> subprocess
     )
 
 
-def train_records(run_dir: Path) -> list[dict]:
+def metric_records(run_dir: Path, key: str) -> list[dict]:
+    """The run's metrics.jsonl records that hold `key` (train steps: loss/rec; evaluations: eval/psnr)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [record for record in records if "loss/rec" in record]
+    return [record for record in records if key in record]
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return metric_records(run_dir, "loss/rec")
 
 
 @pytest.mark.parametrize("kind", ["3d", "hybrid3d", "causal3d", "patchgan3d", "magvit2d", "patchgan2d"])
@@ -258,9 +261,7 @@ def test_tiny_run_with_a_compiled_autoencoder(tmp_path, demo_dir):
     records = train_records(run_dir)
     assert [record["step"] for record in records] == [1, 2]
     assert all(math.isfinite(record["loss/rec"]) and record["adaptive_weight"] > 0 for record in records)
-    evaluations = [
-        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/psnr" in r
-    ]
+    evaluations = metric_records(run_dir, "eval/psnr")
     assert evaluations and math.isfinite(evaluations[0]["eval/psnr"])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
@@ -331,6 +332,5 @@ def test_tiny_restoration_run_trains_on_degraded_clips(tmp_path, demo_dir):
         "data.restoration.jpeg_quality=80",
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in records if "loss/rec" in record] == [1, 2]
-    assert any(math.isfinite(record.get("eval/psnr", math.nan)) for record in records)
+    assert [record["step"] for record in train_records(run_dir)] == [1, 2]
+    assert any(math.isfinite(record["eval/psnr"]) for record in metric_records(run_dir, "eval/psnr"))

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKLCogVideoX
-from local_engine import RecordingEngine
+from local_engine import RecordingEngine, relative_error
 
 from bench.step import ReferenceStep
 from losses import LPIPS, VideoAutoencoderLoss
@@ -31,11 +31,6 @@ from trainer.step import AdversarialStep
 
 STEP_LOSS_TOLERANCE, STEP_GRAD_TOLERANCE = 1e-5, 1e-5
 MODEL_LOSS_TOLERANCE, MODEL_GRAD_TOLERANCE = 1e-4, 1e-3
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.double().abs().max().clamp_min(1e-30)
-    return ((actual.double() - expected.double()).abs().max() / scale).item()
 
 
 class DiffusersInterface(torch.nn.Module):
