@@ -11,6 +11,7 @@ class LocalEngine:
 
     def __init__(self, module: torch.nn.Module, lr: float = 0.0) -> None:
         self.module = module
+        self.device = next(module.parameters()).device
         self.optimizer = torch.optim.SGD(module.parameters(), lr=lr)
 
     def __call__(self, *args, **kwargs):

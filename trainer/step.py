@@ -204,9 +204,9 @@ def _optimizer_step(engine) -> bool | None:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         # one norm over all gradients (non-finite when an entry is), one device sync
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        # ZeRO-0 all-reduces the gradients at the boundary, so every rank sees the same; the vote only
-        # guards against a rank disagreeing.
-        if not all_ranks_true(finite, grads[0].device if grads else torch.device("cpu")):
+        # ZeRO-0 all-reduces the gradients at the boundary (on more than one rank), so every rank sees the
+        # same; the vote only guards against a rank disagreeing.
+        if not all_ranks_true(finite, grads[0].device if grads else engine.device):
             engine.optimizer.zero_grad(set_to_none=True)
             dropped = True
     engine.step()
