@@ -21,7 +21,9 @@ are compared. FLOPs come from torch.utils.flop_counter's formulas over one step 
 forward+backward of the model's dominant shape (widths[0] channels, 3x3x3, the clip's frames plus the
 causal padding, full resolution) timed alone between the rounds. Peak memory: max_memory_allocated on
 CUDA; on CPU the peak resident set size during the step above the level just before it (sampled every
-2 ms by a thread, in an extra untimed step per side). The last line reads `speedup=<project/reference clips/s> ceiling=<achieved/ceiling>`.
+2 ms by a thread, in an extra untimed step per side). The next-to-last line counts the steps with non-finite
+gradients or losses (the project's skipped updates, the reference's non-finite losses): a timing with any
+is not a measurement. The last line reads `speedup=<project/reference clips/s> ceiling=<achieved/ceiling>`.
 """
 
 from __future__ import annotations
@@ -227,10 +229,11 @@ class _FlopCount(TorchDispatchMode):
         return out
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    # oneDNN off while counting: models.layers.conv3d then takes no two-group detour, whose grouped-conv
-    # backward torch's formulas count 4/3 too high; the arithmetic is the same convolution's.
-    with _FlopCount() as counter, torch.backends.mkldnn.flags(enabled=False):
+def count_flops(fn: Callable[[], object], dtype: torch.dtype = torch.float32) -> int:
+    # fp32: oneDNN off while counting, so that models.layers.conv3d takes no two-group detour, whose
+    # grouped-conv backward torch's formulas count 4/3 too high (the arithmetic is the same convolution's).
+    # Other dtypes take no detour, and with oneDNN off a CPU bf16 conv runs ~40x slower (native kernels).
+    with _FlopCount() as counter, torch.backends.mkldnn.flags(enabled=dtype != torch.float32):
         fn()
     return counter.total
 
@@ -246,11 +249,37 @@ def conv_ceiling(channels: int, frames: int, size: int, batch: int, dtype: torch
         conv.zero_grad(set_to_none=True)
         x.grad = None
 
-    return run, count_flops(run)
+    return run, count_flops(run, dtype)
+
+
+class StepHealth:
+    """How many steps of each side ran with non-finite gradients or losses: the project's updates that
+    `AdversarialStep` skipped (generator, discriminator), the reference's steps with a non-finite loss.
+    A timing is only a measurement when these are zero (a skipped update is cheaper than an applied one)."""
+
+    def __init__(self) -> None:
+        self.steps = {"project": 0, "reference": 0}
+        self.bad = {"project": [0, 0], "reference": [0, 0]}
+
+    def count(self, side: str, generator_ok: bool | None, discriminator_ok: bool | None) -> None:
+        self.steps[side] += 1
+        for index, ok in enumerate((generator_ok, discriminator_ok)):
+            self.bad[side][index] += ok is False
+
+    def report(self) -> str:
+        project, reference = self.bad["project"], self.bad["reference"]
+        return (
+            f"non-finite: project skipped {project[0]} generator and {project[1]} discriminator updates "
+            f"of {self.steps['project']} steps, reference {reference[0]} non-finite steps of "
+            f"{self.steps['reference']}"
+        )
+
+    def clean(self) -> bool:
+        return not any(self.bad["project"]) and not any(self.bad["reference"])
 
 
 def build(args: argparse.Namespace, device: torch.device):
-    """(project step callable, reference step callable, autoencoder config)."""
+    """(project step callable, reference step callable, autoencoder config, StepHealth of both)."""
     from diffusers import AutoencoderKLCogVideoX
 
     from models import build_autoencoder
@@ -320,16 +349,20 @@ def build(args: argparse.Namespace, device: torch.device):
     def project_step() -> None:
         _, recon = adversarial.generator_step(video, global_step=0)
         adversarial.discriminator_step(video, recon, global_step=0)
+        health.count("project", adversarial.generator_applied, adversarial.discriminator_applied)
 
+    health = StepHealth()
     generator = torch.Generator(device="cpu").manual_seed(1)
     video = (torch.rand(args.batch, 3, args.frames, args.size, args.size, generator=generator) * 2 - 1).to(
         device
     )
 
     def reference_step() -> None:
-        reference.step(video)
+        metrics = reference.step(video)
+        finite = all(bool(torch.isfinite(value).all()) for value in metrics.values())
+        health.count("reference", finite, finite)
 
-    return project_step, reference_step, autoencoder.config
+    return project_step, reference_step, autoencoder.config, health
 
 
 def _discriminator_arguments(member: nn.Module) -> dict:
@@ -367,12 +400,12 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu" and args.dtype == "bf16":
         print(
-            "note: oneDNN's bf16 conv3d backward on CPU gives non-finite weight gradients for some small inputs "
-            "(torch 2.13); fp32 is the CPU measurement",
+            "note: on some CPUs (seen on AMD Zen 4, not on Intel AMX) oneDNN's bf16 conv3d backward gives "
+            "non-finite weight gradients for small inputs (torch 2.13); the last lines count such steps",
             file=sys.stderr,
         )
 
-    project_step, reference_step, config = build(args, device)
+    project_step, reference_step, config, health = build(args, device)
     dtype = DTYPES[args.dtype]
     ceiling_run, ceiling_flops = conv_ceiling(
         config.block_out_channels[0], args.frames, args.size, args.batch, dtype, device
@@ -388,7 +421,7 @@ def main() -> None:
             steps[args.profile]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
         return
-    flops = {name: count_flops(fn) for name, fn in steps.items()}
+    flops = {name: count_flops(fn, dtype) for name, fn in steps.items()}
 
     peaks = {name: peak_memory(fn, device) for name, fn in steps.items()}
 
@@ -437,6 +470,7 @@ def main() -> None:
         f"{median_cpu['reference'] / median_cpu['project']:.3f}, project at "
         f"{flops['project'] / median_cpu['project'] / (ceiling_flops / median_cpu['ceiling']):.1%} of the ceiling"
     )
+    print(health.report() + ("" if health.clean() else ": these timings are not a measurement"))
     print(f"speedup={speedup:.3f} ceiling={flops['project'] / median['project'] / ceiling:.3f}")
 
 

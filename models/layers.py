@@ -170,9 +170,12 @@ class FrameConv2d(nn.Conv2d):
     The conv is this module's own forward, so ZeRO-3 gathers its partitioned weight around it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # inductor (torch 2.13) fails to lower a strided 1xKxK conv3d (ValueRangeError); a conv2d over
-            # (B*T, C, H, W) it lowers, and it plans the layout changes itself
+        # - inductor (torch 2.13) fails to lower a strided 1xKxK conv3d (ValueRangeError); a conv2d over
+        #   (B*T, C, H, W) it lowers, and it plans the layout changes itself;
+        # - CPU bf16/fp16: oneDNN's backward of the stride-2 1x3x3 conv3d (Downsample3D) returns non-finite
+        #   weight and bias gradients with one thread (torch 2.13, Intel AMX; tests/test_models.py); its
+        #   conv2d is correct, and a low-precision CPU conv copies to channels-last internally anyway.
+        if torch.compiler.is_compiling() or (x.device.type == "cpu" and x.dtype != torch.float32):
             frames = x.shape[2]
             out = super().forward(x.transpose(1, 2).flatten(0, 1))
             return out.unflatten(0, (-1, frames)).transpose(1, 2)

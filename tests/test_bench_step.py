@@ -1,0 +1,42 @@
+"""bench/step.py's own bookkeeping: the FLOP count it divides by, and its tally of non-finite steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.step import StepHealth, count_flops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_count_flops_conv3d_forward_backward(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 5, 6, 6, dtype=dtype, requires_grad=True)
+    weight = torch.randn(8, 8, 3, 3, 3, dtype=dtype, requires_grad=True)
+    onednn_enabled = []
+
+    def step() -> None:
+        onednn_enabled.append(torch.backends.mkldnn.enabled)
+        F.conv3d(x, weight, padding=(0, 1, 1)).sum().backward()
+
+    # forward: 2 * Cout * Cin * 27 per output element (3 x 6 x 6 of them); backward: twice that (input and
+    # weight gradients)
+    forward = 2 * 8 * 8 * 27 * 3 * 6 * 6
+    assert count_flops(step, dtype) == 3 * forward
+    # fp32 counts with oneDNN off (no two-group detour to miscount); bf16 keeps it, since CPU bf16 convs
+    # without oneDNN run ~40x slower and the bf16 benchmark never got past its count
+    assert onednn_enabled == [dtype != torch.float32]
+    assert torch.backends.mkldnn.enabled  # restored
+
+
+def test_step_health_counts_skipped_updates() -> None:
+    health = StepHealth()
+    health.count("project", True, True)
+    assert health.clean()
+    health.count("project", True, False)  # discriminator update skipped
+    health.count("project", None, True)  # between accumulation boundaries: not a skip
+    health.count("reference", False, False)
+    assert not health.clean()
+    assert health.steps == {"project": 3, "reference": 1}
+    assert health.bad == {"project": [0, 1], "reference": [1, 1]}
+    assert "project skipped 0 generator and 1 discriminator updates of 3 steps" in health.report()
+    assert "reference 1 non-finite steps of 1" in health.report()
