@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import types
 from typing import Any
 
 import torch
@@ -74,12 +76,77 @@ def build_engine(
         config=deepspeed_config(config, optim),
         dist_init_required=False,
     )
+    if config.deepspeed.zero_stage == 0 and engine.bfloat16_enabled():
+        use_foreach_bf16_step(engine)
     if config.deepspeed.zero_stage == 0 and engine.dp_world_size == 1:
         # ZeRO-0 all-reduces the gradients through flat buffers after every backward: a copy of every
         # gradient, the collective and a copy back (250 ms a step in bench/step.py). Over one rank that is
         # the identity, so it is skipped. (ZeRO 1-3 keep theirs: their optimizers' bookkeeping is in it.)
         engine.enable_backward_allreduce = False
     return engine
+
+
+def use_foreach_bf16_step(engine) -> bool:
+    """bf16 at ZeRO-0: DeepSpeed's unfused optimizer step with its per-parameter loops made list-wise.
+
+    DeepSpeed wraps the optimizer of a bf16 ZeRO-0 engine in `FP16_UnfusedOptimizer`, whose step walks the
+    parameters one by one: an inf/NaN check (amax and amin of each gradient, and the truth value of each
+    result: a host sync per parameter on a GPU), a float32 copy of each gradient to take its norm, then
+    the cast, unscale and copy back: 207 ms a step for the 28 M parameters of bench/step.py's autoencoder
+    (bf16, CPU), of which AdamW itself is 42 ms. `_foreach_bf16_step` computes the same update in 133 ms:
+    the gradient norm with one foreach kernel and one sync, a non-finite norm skipping the step as
+    DeepSpeed does for an overflow (a gradient with an inf or NaN has a non-finite norm), the clip factor
+    from DeepSpeed's own `unscale_and_clip_grads`, the float32 master update, one list-wise copy back to
+    the bf16 weights. tests/test_engines_bf16.py: weights bit-equal to DeepSpeed's step without clipping
+    and around a skipped NaN step, within 1e-6 with clipping (the norm is summed in float64, DeepSpeed
+    sums it in float32). Other configurations (fp16 loss scaling, model parallelism, MoE, fused LAMB)
+    keep DeepSpeed's step; returns whether the engine's step was replaced."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    optimizer = engine.optimizer
+    if not (
+        type(optimizer) is FP16_UnfusedOptimizer
+        and engine.bfloat16_enabled()
+        and not optimizer.fused_lamb_legacy
+        and optimizer.mpu is None
+        and not engine.has_moe_layers
+        and optimizer.loss_scale_config.cur_scale == 1.0
+        and not optimizer.loss_scale_config.dynamic_loss_scale
+    ):
+        return False
+    optimizer.step = types.MethodType(_foreach_bf16_step, optimizer)
+    return True
+
+
+def _foreach_bf16_step(self, closure=None) -> bool:
+    """`FP16_UnfusedOptimizer.step` for bf16 (loss scale 1), list-wise; returns whether it overflowed."""
+    low = [p for group in self.fp16_groups for p in group]
+    master = [p for group in self.fp32_groups for p in group]
+    grads = [p.grad for p in low if p.grad is not None]
+    if grads:
+        # each gradient's norm in float32 (DeepSpeed: p.grad.float().norm()), summed in float64
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = float(torch.stack(norms).double().square().sum().sqrt())
+    else:
+        total = 0.0
+    if not math.isfinite(total):
+        return self._skip_invalid_grad_norm()
+    self._global_grad_norm = total
+    self._update_scale(False)
+    for low_param, master_param in zip(low, master, strict=True):
+        # as DeepSpeed: a parameter without a gradient steps with a zero one (AdamW still decays it)
+        grad = low_param.grad
+        master_param.grad = torch.zeros_like(master_param) if grad is None else grad.to(master_param.dtype)
+    scale = self.unscale_and_clip_grads(total, apply_scale=False)
+    if scale != 1.0:
+        torch._foreach_mul_([p.grad for p in master], 1.0 / scale)
+    self.optimizer.step()
+    for master_param in master:
+        master_param.grad = None
+    with torch.no_grad():
+        torch._foreach_copy_(low, master)
+    self.overflow = False
+    return self.overflow
 
 
 def build_engines(autoencoder: nn.Module, discriminator: nn.Module, config: RunConfig, device: torch.device):
