@@ -4,7 +4,12 @@ One adversarial step (tiny preset with gradient checkpointing as the recipe trai
 the adaptive weight, a sampled posterior) eager and with `compile_autoencoder`, from the same weights and
 RNG state. Measured on this CPU: losses within 6e-7 relative, autoencoder gradients within 1.6e-5 and
 discriminator gradients within 7e-6 of each tensor's largest entry (inductor fuses and reorders float
-sums). Asserted at 1e-5 (losses) and 1e-4 (gradients). The posterior's noise is torch's eager kernels in
+sums). Asserted at 1e-5 (losses) and 1e-4 (gradients), against either of eager's CPU convolution
+back-ends: the discriminator's gradients are not smooth in the reconstruction (leaky-ReLU kinks), so which
+kernels eager itself runs moves them more than compiling does on some CPUs. On an Intel Xeon with AMX,
+eager with oneDNN and eager with torch's native kernels differ by 1.6e-4 in the adaptive weight and 2e-2
+in a discriminator bias gradient (oneDNN's is the one within 7e-6 of a float64 run); the compiled step
+is within 1.5e-6 (losses) and 6.9e-6 (gradients) of the native-kernel eager step there. The posterior's noise is torch's eager kernels in
 both (`fallback_random`): equal samples, not merely equal distributions.
 """
 
@@ -35,29 +40,44 @@ def _one_step(autoencoder, discriminator, video):
     return {**metrics, **d_metrics}, step.g_engine.grads, step.d_engine.grads
 
 
+def _differences(eager, compiled) -> list[str]:
+    """What differs between two steps beyond the tolerances (empty: the same step)."""
+    (eager_metrics, eager_g, eager_d), (metrics, g_grads, d_grads) = eager, compiled
+    assert eager_metrics.keys() == metrics.keys()
+    assert g_grads.keys() == eager_g.keys() and d_grads.keys() == eager_d.keys()
+    differences = [
+        f"{name}: {metrics[name].item()} vs {expected.item()}"
+        for name, expected in eager_metrics.items()
+        if metrics[name].item() != pytest.approx(expected.item(), rel=LOSS_TOLERANCE, abs=1e-7)
+    ]
+    for grads, expected_grads in ((g_grads, eager_g), (d_grads, eager_d)):
+        for name, expected in expected_grads.items():
+            error = relative_error(grads[name], expected)
+            if not error < GRAD_TOLERANCE:
+                differences.append(f"{name}: gradient {error:.2e}")
+    return differences
+
+
 def test_compiled_autoencoder_gives_the_same_losses_and_gradients():
     torch.manual_seed(0)
     autoencoder = build_autoencoder("tiny", gradient_checkpointing=True)
     discriminator = build_discriminator_set([{"type": "3d", "size": "tiny"}], gradient_checkpointing=False)
     video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
 
-    eager = _one_step(copy.deepcopy(autoencoder), copy.deepcopy(discriminator), video)
+    # eager with each of torch's CPU convolution back-ends (oneDNN, and the native kernels it falls back to)
+    eager = {}
+    for onednn in (True, False):
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            eager[onednn] = _one_step(copy.deepcopy(autoencoder), copy.deepcopy(discriminator), video)
     compiled_model = copy.deepcopy(autoencoder)
     compile_autoencoder(compiled_model)
     compiled = _one_step(compiled_model, copy.deepcopy(discriminator), video)
 
     assert compiled_model._compiled_call_impl is not None  # the step really ran the compiled forward
     assert compiled_model.state_dict().keys() == autoencoder.state_dict().keys()
-    (eager_metrics, eager_g, eager_d), (metrics, g_grads, d_grads) = eager, compiled
-    assert eager_metrics.keys() == metrics.keys()
-    assert eager_metrics["adaptive_weight"] > 0 and eager_metrics["kl"] > 0
-    for name, expected in eager_metrics.items():
-        assert metrics[name].item() == pytest.approx(expected.item(), rel=LOSS_TOLERANCE, abs=1e-7), name
-    assert g_grads.keys() == eager_g.keys() and d_grads.keys() == eager_d.keys()
-    for name, expected in eager_g.items():
-        assert relative_error(g_grads[name], expected) < GRAD_TOLERANCE, name
-    for name, expected in eager_d.items():
-        assert relative_error(d_grads[name], expected) < GRAD_TOLERANCE, name
+    assert eager[True][0]["adaptive_weight"] > 0 and eager[True][0]["kl"] > 0
+    differences = {onednn: _differences(eager[onednn], compiled) for onednn in (True, False)}
+    assert not differences[True] or not differences[False], differences
 
 
 def test_compile_with_zero_3_is_refused_at_load():
