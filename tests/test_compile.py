@@ -9,8 +9,8 @@ back-ends: the discriminator's gradients are not smooth in the reconstruction (l
 kernels eager itself runs moves them more than compiling does on some CPUs. On an Intel Xeon with AMX,
 eager with oneDNN and eager with torch's native kernels differ by 1.6e-4 in the adaptive weight and 2e-2
 in a discriminator bias gradient (oneDNN's is the one within 7e-6 of a float64 run); the compiled step
-is within 1.5e-6 (losses) and 6.9e-6 (gradients) of the native-kernel eager step there. The posterior's noise is torch's eager kernels in
-both (`fallback_random`): equal samples, not merely equal distributions.
+is within 1.5e-6 (losses) and 6.9e-6 (gradients) of the native-kernel eager step there. The posterior's
+noise is torch's eager kernels in both (`fallback_random`): equal samples, not merely equal distributions.
 """
 
 import copy

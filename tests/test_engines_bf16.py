@@ -35,12 +35,6 @@ class _Net(torch.nn.Module):
         return self.head(self.conv(x).mean(dim=(2, 3, 4)))
 
 
-def _master_of(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    low = [p for group in engine.optimizer.fp16_groups for p in group]
-    master = [p for group in engine.optimizer.fp32_groups for p in group]
-    return master[next(i for i, p in enumerate(low) if p is param)].detach().cpu()
-
-
 def _run(dist_info, grad_clip: float, foreach: bool, nan_step: int | None) -> dict:
     config = load_config(
         TINY,
@@ -68,15 +62,18 @@ def _run(dist_info, grad_clip: float, foreach: bool, nan_step: int | None) -> di
         applied.append(engine.was_step_applied())
         norms.append(engine.optimizer._global_grad_norm)
     grads_left = [p.grad is not None for p in engine.module.parameters()]
+    low = [p for group in engine.optimizer.fp16_groups for p in group]
+    master = [p.detach().cpu().clone() for group in engine.optimizer.fp32_groups for p in group]
+    # the unused weight's float32 master copy: weight decay of lr x 0.1 is below the bf16 weight's resolution
+    unused_master = master[next(i for i, p in enumerate(low) if p is engine.module.unused.weight)]
     return {
         "replaced": replaced,
         "weights": [p.detach().float().cpu().clone() for p in engine.module.parameters()],
-        "master": [p.detach().cpu().clone() for group in engine.optimizer.fp32_groups for p in group],
+        "master": master,
         "applied": applied,
         "norms": norms,
         "grads_left": grads_left,
-        # its float32 master copy: weight decay of lr x 0.1 is below the bf16 weight's resolution
-        "unused_moved": not torch.equal(_master_of(engine, engine.module.unused.weight), unused_before),
+        "unused_moved": not torch.equal(unused_master, unused_before),
     }
 
 

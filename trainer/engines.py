@@ -76,8 +76,7 @@ def build_engine(
         config=deepspeed_config(config, optim),
         dist_init_required=False,
     )
-    if config.deepspeed.zero_stage == 0 and engine.bfloat16_enabled():
-        use_foreach_bf16_step(engine)
+    use_foreach_bf16_step(engine)  # bf16 at ZeRO-0 only; checks for itself
     if config.deepspeed.zero_stage == 0 and engine.dp_world_size == 1:
         # ZeRO-0 all-reduces the gradients through flat buffers after every backward: a copy of every
         # gradient, the collective and a copy back (250 ms a step in bench/step.py). Over one rank that is
