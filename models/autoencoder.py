@@ -44,6 +44,8 @@ from models.layers import (
     MidBlock3D,
     SpatialNorm3D,
     UpBlock3D,
+    preferred_layout,
+    relayout,
     temporal_chunks,
 )
 from models.quantizers import FSQ_RECOMMENDED_LEVELS, Quantizer, QuantizerOutput, build_quantizer
@@ -300,11 +302,11 @@ class Encoder3D(nn.Module):
         return torch.cat(moments, dim=2)
 
     def _forward_chunk(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        h = self.conv_in(x, cache)
+        h = self.conv_in(preferred_layout(x), cache)
         for block in self.down_blocks:
             h = _maybe_checkpoint(block, self.gradient_checkpointing, h, cache)
         h = _maybe_checkpoint(self.mid_block, self.gradient_checkpointing, h, None, cache)
-        return self.conv_out(self.conv_act(self.norm_out(h)), cache)
+        return relayout(self.conv_out(self.conv_act(self.norm_out(h)), cache), channels_last=False)
 
 
 class Decoder3D(nn.Module):
@@ -370,7 +372,8 @@ class Decoder3D(nn.Module):
         h = _maybe_checkpoint(self.mid_block, self.gradient_checkpointing, h, z, cache)
         for block in self.up_blocks:
             h = _maybe_checkpoint(block, self.gradient_checkpointing, h, z, cache)
-        return self.conv_act(self.norm_out(h, z, cache))
+        # conv_out (its output is the reconstruction) takes and gives plain contiguous tensors
+        return relayout(self.conv_act(self.norm_out(h, z, cache)), channels_last=False)
 
 
 class CausalVideoAutoencoder(nn.Module):

@@ -9,6 +9,11 @@ cache, a layer treats its input as a whole clip. diffusers' unused time-embeddin
 
 GroupNorms compute in float32 whatever the input and weight dtypes (`GroupNorm32`).
 
+Memory layout: in bf16 on the CPU, the levels with at least CHANNELS_LAST_MIN_PIXELS pixels per frame run
+channels-last (NDHWC, what oneDNN computes bf16 convolutions in); everything else is contiguous. Each
+residual block puts its input in its level's layout (`preferred_layout`), the ops inside keep it, and the
+encoder's and decoder's outputs (the decoder's before conv_out) are contiguous.
+
 Shapes: video tensors are (B, C, T, H, W) throughout.
 """
 
@@ -67,6 +72,198 @@ def conv3d(
     return F.conv3d(x, weight, bias, stride, padding)
 
 
+# Channels-last (NDHWC) activations for bf16 on the CPU, from this many pixels per frame up. oneDNN runs its
+# bf16 convolutions in channels-last; given contiguous (NCDHW) tensors it converts inputs, outputs and
+# gradients on every call. A 3x3x3 conv forward+backward at 1x64x11x64x64 takes 12.7 ms in channels-last
+# against 25 ms contiguous, a 1x1x1 128->64 one at 64x64 3 ms against 30 ms, at 32x32 1.2x faster; at 16x16
+# about even and at 8x8 slower (1.25x), so smaller levels stay contiguous (bench/RESULTS.md).
+CHANNELS_LAST_MIN_PIXELS = 32 * 32
+
+_CHANNELS_LAST = torch.channels_last_3d
+# elements per float32 temporary in group_norm_channels_last's backward
+_COMBINE_ELEMENTS = 2**20
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """x is laid out NDHWC as torch's kernels tell it (and is not also plainly contiguous, as with one
+    channel or one pixel). They go by every stride, the batch's too: a batch of one whose stride is less
+    than C*T*H*W (as elementwise ops may leave it) counts as contiguous there, and they would copy."""
+    if x.dim() != 5 or x.is_contiguous() or not x.is_contiguous(memory_format=_CHANNELS_LAST):
+        return False
+    return x.stride(0) >= x.shape[1] * x.shape[2] * x.shape[3] * x.shape[4]
+
+
+def prefers_channels_last(x: torch.Tensor) -> bool:
+    """Whether a (B, C, T, H, W) activation runs faster channels-last: bf16 on the CPU (no autocast, no
+    torch.compile, which plans layouts itself) with at least CHANNELS_LAST_MIN_PIXELS pixels per frame."""
+    return (
+        x.dim() == 5
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.shape[3] * x.shape[4] >= CHANNELS_LAST_MIN_PIXELS
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def preferred_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in the memory layout `prefers_channels_last` picks for it (no copy when it already is)."""
+    return relayout(x, channels_last=prefers_channels_last(x))
+
+
+def relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x channels-last or contiguous (no copy when it already is); its gradient goes back in x's layout.
+
+    (`Tensor.contiguous` passes gradients through in whatever layout they come, and a backward that mixes
+    layouts copies at every op: SiLU's backward takes 3.6 ms instead of 0.7 ms at 1x64x9x64x64.)"""
+    if x.dim() != 5 or _is_channels_last(x) == channels_last:
+        return x
+    return _Relayout.apply(x, channels_last)
+
+
+def gradient_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself, whose gradient is converted to x's layout in the backward if it comes in another one (as
+    from a resize's or a residual sum's backward); channels-last tensors only, otherwise x as it is."""
+    return _GradientChannelsLast.apply(x) if _is_channels_last(x) else x
+
+
+class _GradientChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        # an alias with x's strides (view_as would give a batch of one an odd stride)
+        return x[:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad if _is_channels_last(grad) else grad.clone(memory_format=_CHANNELS_LAST)
+
+
+class _Relayout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        ctx.source_channels_last = _is_channels_last(x)
+        # clone, not contiguous: that would keep a tensor whose batch stride torch does not recognise
+        return x.clone(memory_format=_CHANNELS_LAST) if channels_last else x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layout = _CHANNELS_LAST if ctx.source_channels_last else torch.contiguous_format
+        return grad.contiguous(memory_format=layout), None
+
+
+def group_norm_channels_last(
+    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """`F.group_norm` of a channels-last bf16 (B, C, T, H, W) tensor, returned channels-last, statistics and
+    affine in float32 (rounded once, as torch's kernel does for contiguous inputs).
+
+    torch's CPU group norm handles channels-last inputs too, but its bf16 backward there is about 20x slower
+    than for contiguous ones (26 ms against 1.3 ms at 1x64x9x64x64). This one is built from torch's
+    channels-last batch-norm kernels, one sample at a time: per-channel mean and variance (float32), pooled
+    per group; the normalization is an inference batch norm with the group's statistics as the running
+    ones; the backward takes the per-channel sums of dy and dy * x-hat from the inference batch norm's
+    backward and forms the input's gradient in float32 from them (as accurate as torch's kernel or more:
+    tests/test_channels_last.py)."""
+    return _GroupNormChannelsLast.apply(x, groups, weight, bias, eps)
+
+
+class _GroupNormChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps):
+        channels = x.shape[1]
+        ones = x.new_ones(channels, dtype=torch.float32)
+        gamma = ones if weight is None else weight.float()
+        beta = torch.zeros_like(ones) if bias is None else bias.float()
+        out = torch.empty_like(x)
+        means, variances = [], []
+        for i in range(x.shape[0]):
+            sample = x[i : i + 1]
+            # per-channel statistics (float32 for a bf16 input with float32 parameters); with eps 0 a
+            # constant channel reports an inverse std of 0 (torch's convention), i.e. a variance of 0
+            _, mean_c, invstd_c = torch.ops.aten.native_batch_norm(
+                sample, ones, torch.zeros_like(ones), None, None, True, 0.0, 0.0
+            )
+            var_c = torch.where(invstd_c > 0, invstd_c.reciprocal().square(), 0.0)
+            # pooled over each group's channels: its mean, and its variance about that mean
+            mean_c, var_c = mean_c.view(groups, -1), var_c.view(groups, -1)
+            mean = mean_c.mean(1)
+            var = var_c.mean(1) + (mean_c - mean[:, None]).square().mean(1)
+            per_channel = channels // groups
+            torch.ops.aten.native_batch_norm.out(
+                sample,
+                gamma,
+                beta,
+                mean.repeat_interleave(per_channel),
+                var.repeat_interleave(per_channel),
+                False,
+                0.0,
+                eps,
+                out=out[i : i + 1],
+                save_mean=torch.empty(0),
+                save_invstd=torch.empty(0),
+            )
+            means.append(mean)
+            variances.append(var)
+        ctx.save_for_backward(x, gamma, torch.stack(means), torch.stack(variances))
+        ctx.groups, ctx.eps = groups, eps
+        ctx.parameter_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gamma, means, variances = ctx.saved_tensors
+        groups, eps = ctx.groups, ctx.eps
+        channels = x.shape[1]
+        per_channel = channels // groups
+        count = per_channel * x[0, 0].numel()  # elements per group and sample
+        grad_out = grad_out.contiguous(memory_format=_CHANNELS_LAST)
+        grad_x = torch.empty_like(x)
+        grad_gamma = torch.zeros_like(gamma)
+        grad_beta = torch.zeros_like(gamma)
+        for i in range(x.shape[0]):
+            sample, dy = x[i : i + 1], grad_out[i : i + 1]
+            mean = means[i].repeat_interleave(per_channel)
+            var = variances[i].repeat_interleave(per_channel)
+            rstd = (variances[i] + eps).rsqrt()
+            # per channel: sum(dy * x_hat) (gamma's gradient) and sum(dy) (beta's)
+            _, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+                dy, sample, gamma, mean, var, None, None, False, eps, [False, True, True]
+            )
+            grad_gamma += dgamma
+            grad_beta += dbeta
+            # dx = gamma rstd dy - rstd / n * (sum_g(gamma dy) + x_hat * sum_g(gamma dy x_hat)): per channel
+            # dy * gain + x * scale + shift, summed in float32 and rounded once (as torch's own kernel)
+            sum_dy = (gamma * dbeta).view(groups, per_channel).sum(1)
+            sum_dy_xhat = (gamma * dgamma).view(groups, per_channel).sum(1)
+            scale = -rstd * rstd * sum_dy_xhat / count
+            shift = -rstd * sum_dy / count - means[i] * scale
+
+            def per_channel_view(v: torch.Tensor) -> torch.Tensor:
+                return v.repeat_interleave(per_channel).view(1, channels, 1, 1, 1)
+
+            shift, scale = per_channel_view(shift), per_channel_view(scale)
+            gain = gamma.view(1, channels, 1, 1, 1) * per_channel_view(rstd)
+            # a few frames at a time: the float32 temporary stays small (a full-size one of 19 MB, fresh
+            # from the OS at every call, made this 4x slower at 1x128x9x64x64)
+            frames = max(1, _COMBINE_ELEMENTS // sample[0, :, 0].numel())
+            for start in range(0, sample.shape[2], frames):
+                part = slice(start, start + frames)
+                total = torch.addcmul(shift, sample[:, :, part], scale)
+                total.addcmul_(dy[:, :, part], gain)
+                grad_x[i : i + 1, :, part].copy_(total)
+        weight_dtype, bias_dtype = ctx.parameter_dtypes
+        return (
+            grad_x,
+            None,
+            None if weight_dtype is None else grad_gamma.to(weight_dtype),
+            None if bias_dtype is None else grad_beta.to(bias_dtype),
+            None,
+        )
+
+
 def temporal_chunks(length: int, chunk: int) -> Iterator[tuple[int, int]]:
     """[start, end) of the temporal chunks diffusers uses: the first takes `chunk` plus the remainder.
 
@@ -118,9 +315,12 @@ class GroupNorm32(nn.GroupNorm):
     torch's own kernels already do that for bf16/fp16 inputs with weights of the same dtype (CPU and CUDA:
     float accumulation, one rounding of the output), and on the CPU with float32 weights too: those run
     as they are, bit-equal to an explicit float32 computation and without its two full-size casts (5-16x
-    faster here). Other dtype mixes are cast to float32 explicitly."""
+    faster here). Other dtype mixes are cast to float32 explicitly. Channels-last bf16 inputs on the CPU
+    take `group_norm_channels_last` (float32 statistics too; torch's own backward is slow there)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_channels_last(x) and prefers_channels_last(x):
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         params = [p for p in (self.weight, self.bias) if p is not None]
         same_dtype = all(p.dtype == x.dtype for p in params)
         cpu_mixed = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
@@ -301,9 +501,28 @@ class SpatialNorm3D(nn.Module):
             return x.repeat_interleave(width_factor, dim=4) if width_factor > 1 else x
 
         y, b = repeat(self.conv_y(zq, cache)), repeat(self.conv_b(zq, cache))
+        if _is_channels_last(f):
+            return self._modulate_channels_last(f, y, b, height_factor)
         # (B, C, T, H, W) -> (B, C, T, h, sh, W) against (B, C, T, h, 1, W): rows broadcast, W contiguous
         normed = self.norm_layer(f).unflatten(3, (y.shape[3], height_factor))
         return torch.addcmul(b.unsqueeze(4), normed, y.unsqueeze(4)).flatten(3, 4)
+
+    def _modulate_channels_last(
+        self, f: torch.Tensor, y: torch.Tensor, b: torch.Tensor, height_factor: int
+    ) -> torch.Tensor:
+        """`_modulate_broadcast`'s multiply-add for a channels-last f, in (B*T, H, W, C) order, where all
+        three operands are contiguous (y and b are small: converted), so the result is channels-last with
+        strides torch's kernels recognise (in (B, C, T, h, sh, W) order the batch stride can come out odd)."""
+        batch, frames = f.shape[0], f.shape[2]
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            # (B, C, T, H, W) channels-last -> (B*T, H, W, C), a view
+            return relayout(x, channels_last=True).permute(0, 2, 3, 4, 1).flatten(0, 1)
+
+        # (B*T, H, W, C) -> (B*T, h, sh, W, C) against (B*T, h, 1, W, C)
+        normed = rows(self.norm_layer(f)).unflatten(1, (y.shape[3], height_factor))
+        out = torch.addcmul(rows(b).unsqueeze(2), normed, rows(y).unsqueeze(2))
+        return out.flatten(1, 2).unflatten(0, (batch, frames)).permute(0, 4, 1, 2, 3)
 
 
 def _power_of_two_ratio(out_size: int, in_size: int) -> int | None:
@@ -365,11 +584,12 @@ class ResnetBlock3D(nn.Module):
     def forward(
         self, x: torch.Tensor, zq: torch.Tensor | None = None, cache: CausalCache | None = None
     ) -> torch.Tensor:
+        x = preferred_layout(x)  # the block's convs, norms and activations keep it
         h = self.conv1(self.nonlinearity(self._norm(self.norm1, x, zq, cache)), cache)
         h = self.conv2(self.dropout(self.nonlinearity(self._norm(self.norm2, h, zq, cache))), cache)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return gradient_in_layout(x + h)
 
 
 class Downsample3D(nn.Module):
@@ -387,14 +607,22 @@ class Downsample3D(nn.Module):
             # tells the two apart by parity, which agrees for valid clips and chunk sizes)
             if _holds_first_frame(cache):
                 # (B, C, 2k+1, H, W) -> (B, C, k+1, H, W)
-                pooled = reduce(x[:, :, 1:], "b c (t pair) h w -> b c t h w", "mean", pair=2)
-                x = torch.cat([x[:, :, :1], pooled], dim=2)
+                x = torch.cat([x[:, :, :1], _mean_of_frame_pairs(x[:, :, 1:])], dim=2)
             else:
                 # (B, C, 2k, H, W) -> (B, C, k, H, W)
-                x = reduce(x, "b c (t pair) h w -> b c t h w", "mean", pair=2)
+                x = _mean_of_frame_pairs(x)
         # pad right/bottom only, so an even size halves exactly: (.., H, W) -> (.., H/2, W/2)
         x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)  # per frame: (.., T, H + 1, W + 1) -> (.., T, H/2, W/2)
+
+
+def _mean_of_frame_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, 2k, H, W) -> (B, C, k, H, W), the mean of frames 2i and 2i + 1."""
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        # channels-last (a time slice of it with B > 1 included): the reduction below would return a
+        # contiguous tensor. The same numbers: both round the pair's sum once, and halving is exact.
+        return (x[:, :, 0::2] + x[:, :, 1::2]) * 0.5
+    return reduce(x, "b c (t pair) h w -> b c t h w", "mean", pair=2)
 
 
 class Upsample3D(nn.Module):
