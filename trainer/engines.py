@@ -92,8 +92,9 @@ def use_foreach_bf16_step(engine) -> bool:
     parameters one by one: an inf/NaN check (amax and amin of each gradient, and the truth value of each
     result: a host sync per parameter on a GPU), a float32 copy of each gradient to take its norm, then
     the cast, unscale and copy back: 207 ms a step for the 28 M parameters of bench/step.py's autoencoder
-    (bf16, CPU), of which AdamW itself is 42 ms. `_foreach_bf16_step` computes the same update in 133 ms:
-    the gradient norm with one foreach kernel and one sync, a non-finite norm skipping the step as
+    (bf16, CPU), of which AdamW itself is 42 ms. `_foreach_bf16_step` computes the same update: the cast
+    into float32 gradient buffers kept between steps, the gradient norm with one foreach kernel and one
+    sync, a non-finite norm skipping the step as
     DeepSpeed does for an overflow (a gradient with an inf or NaN has a non-finite norm), the clip factor
     from DeepSpeed's own `unscale_and_clip_grads`, the float32 master update, one list-wise copy back to
     the bf16 weights. tests/test_engines_bf16.py: weights bit-equal to DeepSpeed's step without clipping
@@ -121,10 +122,13 @@ def _foreach_bf16_step(self, closure=None) -> bool:
     """`FP16_UnfusedOptimizer.step` for bf16 (loss scale 1), list-wise; returns whether it overflowed."""
     low = [p for group in self.fp16_groups for p in group]
     master = [p for group in self.fp32_groups for p in group]
-    grads = [p.grad for p in low if p.grad is not None]
-    if grads:
+    buffers = _float32_gradients(self, master)
+    present = [(p.grad, buffer) for p, buffer in zip(low, buffers, strict=True) if p.grad is not None]
+    if present:
+        grads, copies = (list(side) for side in zip(*present, strict=True))
+        torch._foreach_copy_(copies, grads)  # the cast, into buffers kept from step to step
         # each gradient's norm in float32 (DeepSpeed: p.grad.float().norm()), summed in float64
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        norms = torch._foreach_norm(copies, 2)
         total = float(torch.stack(norms).double().square().sum().sqrt())
     else:
         total = 0.0
@@ -132,13 +136,14 @@ def _foreach_bf16_step(self, closure=None) -> bool:
         return self._skip_invalid_grad_norm()
     self._global_grad_norm = total
     self._update_scale(False)
-    for low_param, master_param in zip(low, master, strict=True):
+    for low_param, master_param, buffer in zip(low, master, buffers, strict=True):
         # as DeepSpeed: a parameter without a gradient steps with a zero one (AdamW still decays it)
-        grad = low_param.grad
-        master_param.grad = torch.zeros_like(master_param) if grad is None else grad.to(master_param.dtype)
+        if low_param.grad is None:
+            buffer.zero_()
+        master_param.grad = buffer
     scale = self.unscale_and_clip_grads(total, apply_scale=False)
     if scale != 1.0:
-        torch._foreach_mul_([p.grad for p in master], 1.0 / scale)
+        torch._foreach_mul_(buffers, 1.0 / scale)
     self.optimizer.step()
     for master_param in master:
         master_param.grad = None
@@ -146,6 +151,20 @@ def _foreach_bf16_step(self, closure=None) -> bool:
         torch._foreach_copy_(low, master)
     self.overflow = False
     return self.overflow
+
+
+def _float32_gradients(optimizer, master: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One float32 gradient buffer per master weight, made once and kept on the optimizer.
+
+    A fresh float32 copy of every gradient at each step cost more than the copy itself: the 7 MB
+    buffers of bench/step.py's 256-channel convs come fresh from the OS each time (page faults), and the
+    autoencoder engine's step took 150-165 ms, of which AdamW is about 40. DeepSpeed's ZeRO-1/2 bf16
+    optimizers keep such buffers too (4 bytes per parameter)."""
+    buffers = getattr(optimizer, "_float32_gradient_buffers", None)
+    if buffers is None or [b.shape for b in buffers] != [p.shape for p in master]:
+        buffers = [torch.empty_like(p, dtype=torch.float32) for p in master]
+        optimizer._float32_gradient_buffers = buffers
+    return buffers
 
 
 def build_engines(autoencoder: nn.Module, discriminator: nn.Module, config: RunConfig, device: torch.device):
