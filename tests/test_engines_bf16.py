@@ -53,7 +53,7 @@ def _run(dist_info, grad_clip: float, foreach: bool, nan_step: int | None) -> di
     if not foreach:
         del engine.optimizer.step  # DeepSpeed's own method again
     x = torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1)).to(dist_info.device)
-    applied, norms = [], []
+    applied, norms, buffers = [], [], []
     for step in range(3):
         engine.backward(engine(x.to(torch.bfloat16)).float().square().mean())
         if step == nan_step:
@@ -61,6 +61,8 @@ def _run(dist_info, grad_clip: float, foreach: bool, nan_step: int | None) -> di
         engine.step()
         applied.append(engine.was_step_applied())
         norms.append(engine.optimizer._global_grad_norm)
+        kept = getattr(engine.optimizer, "_float32_gradient_buffers", None)
+        buffers.append(None if kept is None else [b.data_ptr() for b in kept])
     grads_left = [p.grad is not None for p in engine.module.parameters()]
     low = [p for group in engine.optimizer.fp16_groups for p in group]
     master = [p.detach().cpu().clone() for group in engine.optimizer.fp32_groups for p in group]
@@ -73,6 +75,7 @@ def _run(dist_info, grad_clip: float, foreach: bool, nan_step: int | None) -> di
         "applied": applied,
         "norms": norms,
         "grads_left": grads_left,
+        "buffers": buffers,
         "unused_moved": not torch.equal(unused_master, unused_before),
     }
 
@@ -107,5 +110,8 @@ def test_foreach_bf16_step_matches_deepspeed_step(tmp_path):
     assert results["nan"][True]["applied"] == [True, False, True]
     # clipping really acted: a norm above the 1e-3 threshold on every step
     assert all(norm > 1e-3 for norm in results["clip"][True]["norms"])
+    # the list-wise step casts the gradients into the same float32 buffers at every step (no fresh memory)
+    kept = results["no_clip"][True]["buffers"]
+    assert kept[0] is not None and kept[0] == kept[1] == kept[2]
     # the unused parameter moved (weight decay on a zero gradient), under both steps
     assert results["no_clip"][True]["unused_moved"] and results["no_clip"][False]["unused_moved"]
