@@ -3,8 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.step import StepHealth, count_flops
+from bench.step import CEILING_LAYOUTS, StepHealth, conv_ceiling, count_flops
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,3 +41,25 @@ def test_step_health_counts_skipped_updates() -> None:
     assert health.bad == {"project": [0, 1], "reference": [1, 1]}
     assert "project skipped 0 generator and 1 discriminator updates of 3 steps" in health.report()
     assert "reference 1 non-finite steps of 1" in health.report()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_ceiling_runs_in_both_layouts_with_the_same_flops(dtype: torch.dtype) -> None:
+    # the ceiling is the faster of the two layouts' convs (bf16 on a CPU: channels-last, about 2x)
+    class ConvInputs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inputs: list[torch.Tensor] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.inputs.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    for memory_format in CEILING_LAYOUTS.values():
+        run, flops = conv_ceiling(8, 3, 6, 1, dtype, torch.device("cpu"), memory_format)
+        assert flops == 3 * 2 * 8 * 8 * 27 * 3 * 6 * 6
+        with ConvInputs() as spy:
+            run()
+        (x,) = spy.inputs
+        assert x.shape == (1, 8, 5, 6, 6) and x.is_contiguous(memory_format=memory_format)
