@@ -179,15 +179,13 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         gamma = ones if weight is None else weight.float()
         beta = torch.zeros_like(ones) if bias is None else bias.float()
         out = torch.empty_like(x)
+        running_mean, running_var = torch.zeros_like(ones), torch.ones_like(ones)
         means, variances = [], []
         for i in range(x.shape[0]):
             sample = x[i : i + 1]
-            # per-channel statistics (float32 for a bf16 input with float32 parameters); with eps 0 a
-            # constant channel reports an inverse std of 0 (torch's convention), i.e. a variance of 0
-            _, mean_c, invstd_c = torch.ops.aten.native_batch_norm(
-                sample, ones, torch.zeros_like(ones), None, None, True, 0.0, 0.0
-            )
-            var_c = torch.where(invstd_c > 0, invstd_c.reciprocal().square(), 0.0)
+            # per-channel mean and (biased) variance, in float32 because the running statistics handed in
+            # are float32 (momentum 0: they stay as they are)
+            mean_c, var_c = torch.batch_norm_update_stats(sample, running_mean, running_var, 0.0)
             # pooled over each group's channels: its mean, and its variance about that mean
             mean_c, var_c = mean_c.view(groups, -1), var_c.view(groups, -1)
             mean = mean_c.mean(1)
