@@ -139,7 +139,9 @@ def test_bf16_levels_run_channels_last_forward_and_backward() -> None:
 def test_channels_last_changes_nothing_but_the_layout(monkeypatch) -> None:
     # The layout plumbing (per-block conversions, the channels-last group and spatial norms, the temporal
     # pooling, gradients converted back) checked in float32, where it can be held to tight tolerances:
-    # every level of a 2-chunk clip runs channels-last against the plain contiguous model.
+    # every level of a 2-chunk clip runs channels-last against the plain contiguous model. Measured: outputs
+    # 2.9e-6 and gradients 6.0e-6 apart (norm-wise; float32 convs and norms in another order), asserted at
+    # 1e-5 and 1e-4.
     torch.manual_seed(0)
     model = build_autoencoder("tiny", gradient_checkpointing=True).train()
     x = torch.rand(1, 3, 17, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
