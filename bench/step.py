@@ -20,9 +20,9 @@ The two run interleaved (warm-up, then `--repeats` rounds alternating which goes
 are compared. FLOPs come from torch.utils.flop_counter's formulas over one step each; the ceiling is a conv3d
 forward+backward of the model's dominant shape (widths[0] channels, 3x3x3, the clip's frames plus the
 causal padding, full resolution) timed alone between the rounds, with contiguous and with channels-last
-tensors: the faster of the two is the ceiling (bf16 on a CPU runs about 2x faster channels-last). Peak memory: max_memory_allocated on
-CUDA; on CPU the peak resident set size during the step above the level just before it (sampled every
-2 ms by a thread, in an extra untimed step per side). The next-to-last line counts the steps with non-finite
+tensors: the faster of the two is the ceiling (bf16 on a CPU runs about 2x faster channels-last). Peak
+memory: max_memory_allocated on CUDA; on CPU the peak resident set size during the step above the level
+just before it (sampled every 2 ms by a thread, in an extra untimed step per side). The next-to-last line counts the steps with non-finite
 gradients or losses (the project's skipped updates, the reference's non-finite losses): a timing with any
 is not a measurement. The last line reads `speedup=<project/reference clips/s> ceiling=<achieved/ceiling>`.
 """

@@ -180,6 +180,7 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         beta = torch.zeros_like(ones) if bias is None else bias.float()
         out = torch.empty_like(x)
         running_mean, running_var = torch.zeros_like(ones), torch.ones_like(ones)
+        per_channel = channels // groups
         means, variances = [], []
         for i in range(x.shape[0]):
             sample = x[i : i + 1]
@@ -190,7 +191,6 @@ class _GroupNormChannelsLast(torch.autograd.Function):
             mean_c, var_c = mean_c.view(groups, -1), var_c.view(groups, -1)
             mean = mean_c.mean(1)
             var = var_c.mean(1) + (mean_c - mean[:, None]).square().mean(1)
-            per_channel = channels // groups
             torch.ops.aten.native_batch_norm.out(
                 sample,
                 gamma,
@@ -225,6 +225,11 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_gamma = torch.zeros_like(gamma)
         grad_beta = torch.zeros_like(gamma)
+
+        def per_channel_view(v: torch.Tensor) -> torch.Tensor:
+            # one value per group -> (1, C, 1, 1, 1)
+            return v.repeat_interleave(per_channel).view(1, channels, 1, 1, 1)
+
         for i in range(x.shape[0]):
             sample, dy = x[i : i + 1], grad_out[i : i + 1]
             mean = means[i].repeat_interleave(per_channel)
@@ -242,10 +247,6 @@ class _GroupNormChannelsLast(torch.autograd.Function):
             sum_dy_xhat = (gamma * dgamma).view(groups, per_channel).sum(1)
             scale = -rstd * rstd * sum_dy_xhat / count
             shift = -rstd * sum_dy / count - means[i] * scale
-
-            def per_channel_view(v: torch.Tensor) -> torch.Tensor:
-                return v.repeat_interleave(per_channel).view(1, channels, 1, 1, 1)
-
             shift, scale = per_channel_view(shift), per_channel_view(scale)
             gain = gamma.view(1, channels, 1, 1, 1) * per_channel_view(rstd)
             # a few frames at a time: the float32 temporary stays small (a full-size one of 19 MB, fresh

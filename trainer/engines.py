@@ -94,10 +94,9 @@ def use_foreach_bf16_step(engine) -> bool:
     the cast, unscale and copy back: 207 ms a step for the 28 M parameters of bench/step.py's autoencoder
     (bf16, CPU), of which AdamW itself is 42 ms. `_foreach_bf16_step` computes the same update: the cast
     into float32 gradient buffers kept between steps, the gradient norm with one foreach kernel and one
-    sync, a non-finite norm skipping the step as
-    DeepSpeed does for an overflow (a gradient with an inf or NaN has a non-finite norm), the clip factor
-    from DeepSpeed's own `unscale_and_clip_grads`, the float32 master update, one list-wise copy back to
-    the bf16 weights. tests/test_engines_bf16.py: weights bit-equal to DeepSpeed's step without clipping
+    sync, a non-finite norm skipping the step as DeepSpeed does for an overflow (a gradient with an inf or
+    NaN has a non-finite norm), the clip factor from DeepSpeed's own `unscale_and_clip_grads`, the float32
+    master update, one list-wise copy back to the bf16 weights. tests/test_engines_bf16.py: weights bit-equal to DeepSpeed's step without clipping
     and around a skipped NaN step, within 1e-6 with clipping (the norm is summed in float64, DeepSpeed
     sums it in float32). Other configurations (fp16 loss scaling, model parallelism, MoE, fused LAMB)
     keep DeepSpeed's step; returns whether the engine's step was replaced."""
