@@ -389,7 +389,7 @@ def _discriminator_arguments(member: nn.Module) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -410,9 +410,17 @@ def main() -> None:
     parser.add_argument(
         "--profile", choices=("project", "reference"), help="print a torch.profiler table and exit"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and args.dtype == "bf16":
+        from models.layers import cpu_has_bf16_kernels
+
+        if not cpu_has_bf16_kernels():
+            parser.error(
+                "--dtype bf16: this CPU has no oneDNN bf16 kernels (they need AVX-512 or AMX), so bf16 "
+                "convolutions would run on torch's reference kernels, about 60x slower than fp32: one step "
+                "would take many minutes and measure those kernels, not the step. Use --dtype fp32 here."
+            )
         print(
             "note: on some CPUs (seen on AMD Zen 4, not on Intel AMX) oneDNN's bf16 conv3d backward gives "
             "non-finite weight gradients for small inputs (torch 2.13); the last lines count such steps",
@@ -469,6 +477,13 @@ def main() -> None:
         f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"ZeRO {args.zero_stage}, {args.repeats} interleaved rounds"
     )
+    if device.type == "cpu":
+        from models.layers import cpu_has_bf16_kernels
+
+        print(
+            f"CPU: {torch.backends.cpu.get_cpu_capability()} vector kernels, oneDNN bf16 kernels "
+            f"{'yes' if cpu_has_bf16_kernels() else 'no'}"
+        )
     print(
         f"conv3d ceiling: {config.block_out_channels[0]}->{config.block_out_channels[0]} ch 3x3x3 on "
         f"{args.frames + 2}x{args.size}x{args.size}, fwd+bwd {ceiling / 1e9:.1f} GFLOP/s {best} "

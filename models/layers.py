@@ -9,14 +9,15 @@ cache, a layer treats its input as a whole clip. diffusers' unused time-embeddin
 
 GroupNorms compute in float32 whatever the input and weight dtypes (`GroupNorm32`).
 
-Memory layout: in bf16 on the CPU, the levels with at least CHANNELS_LAST_MIN_PIXELS pixels per frame run
-channels-last (NDHWC, what oneDNN computes bf16 convolutions in); everything else is contiguous. Each
-residual block puts its input in its level's layout (`preferred_layout`), the ops inside keep it, and the
-encoder's and decoder's outputs (the decoder's before conv_out) are contiguous.
+Memory layout: in bf16 on a CPU with oneDNN's bf16 kernels, the levels with at least CHANNELS_LAST_MIN_PIXELS
+pixels per frame run channels-last (NDHWC, what oneDNN computes bf16 convolutions in); everything else is
+contiguous. Each residual block puts its input in its level's layout (`preferred_layout`), the ops inside keep
+it, and the encoder's and decoder's outputs (the decoder's before conv_out) are contiguous.
 
 Shapes: video tensors are (B, C, T, H, W) throughout.
 """
 
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -99,9 +100,22 @@ def _as_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x if _is_channels_last(x) else x.clone(memory_format=_CHANNELS_LAST)
 
 
+@functools.cache
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (it needs AVX-512 or AMX). Without it torch falls back to its
+    reference kernels, which return contiguous outputs whatever the input's layout: a 64-channel bf16 conv3d
+    forward+backward ran at 1.3 GFLOP/s against 81 in fp32 on a 2-core AVX2 AMD EPYC (torch 2.13), so a bf16
+    step takes about 60x longer than an fp32 one there."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is None:  # a torch without the probe: oneDNN's bf16 needs at least AVX-512
+        return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_supported()
+    return bool(check())
+
+
 def prefers_channels_last(x: torch.Tensor) -> bool:
-    """Whether a (B, C, T, H, W) activation runs faster channels-last: bf16 on the CPU (no autocast, no
-    torch.compile, which plans layouts itself) with at least CHANNELS_LAST_MIN_PIXELS pixels per frame."""
+    """Whether a (B, C, T, H, W) activation runs faster channels-last: bf16 on a CPU with oneDNN's bf16
+    kernels (no autocast, no torch.compile, which plans layouts itself) with at least
+    CHANNELS_LAST_MIN_PIXELS pixels per frame."""
     return (
         x.dim() == 5
         and x.device.type == "cpu"
@@ -109,6 +123,7 @@ def prefers_channels_last(x: torch.Tensor) -> bool:
         and x.shape[3] * x.shape[4] >= CHANNELS_LAST_MIN_PIXELS
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and cpu_has_bf16_kernels()
     )
 
 

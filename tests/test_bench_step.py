@@ -1,11 +1,13 @@
-"""bench/step.py's own bookkeeping: the FLOP count it divides by, and its tally of non-finite steps."""
+"""bench/step.py's own bookkeeping: the FLOP count it divides by, its tally of non-finite steps, and what it
+refuses to time."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.step import CEILING_LAYOUTS, StepHealth, conv_ceiling, count_flops
+import models.layers
+from bench.step import CEILING_LAYOUTS, StepHealth, conv_ceiling, count_flops, main
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -63,3 +65,13 @@ def test_conv_ceiling_runs_in_both_layouts_with_the_same_flops(dtype: torch.dtyp
             run()
         (x,) = spy.inputs
         assert x.shape == (1, 8, 5, 6, 6) and x.is_contiguous(memory_format=memory_format)
+
+
+def test_bf16_is_refused_on_a_cpu_without_bf16_kernels(monkeypatch, capsys) -> None:
+    # there bf16 convs run on torch's reference kernels (~60x slower than fp32): minutes per step, no figure
+    monkeypatch.setattr(models.layers, "cpu_has_bf16_kernels", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dtype", "bf16", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--dtype bf16: this CPU has no oneDNN bf16 kernels" in error and "Use --dtype fp32 here" in error

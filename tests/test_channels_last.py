@@ -58,7 +58,9 @@ def test_group_norm_channels_last_is_as_accurate_as_torchs(batch: int, weight_dt
         assert norm_error(mine, reference) <= 1.25 * norm_error(theirs, reference) + 1e-6, name
 
 
-def test_group_norm32_takes_the_channels_last_path_only_where_it_should() -> None:
+def test_group_norm32_takes_the_channels_last_path_only_where_it_should(monkeypatch) -> None:
+    # as on a CPU with oneDNN's bf16 kernels, the only ones where the model makes channels-last activations
+    monkeypatch.setattr(layers, "cpu_has_bf16_kernels", lambda: True)
     norm = layers.GroupNorm32(8, 32).to(torch.bfloat16)
     x = torch.randn(1, 32, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     x_cl = x.contiguous(memory_format=CL)
@@ -111,15 +113,30 @@ def forward_backward(model, x: torch.Tensor):
     return out, grads
 
 
-def test_bf16_levels_run_channels_last_forward_and_backward() -> None:
-    # the tiny preset on 64x64: levels of 64x64 and 32x32 run channels-last, 16x16 and 8x8 contiguous
+@pytest.mark.parametrize("bf16_kernels", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
+def test_bf16_levels_run_channels_last_forward_and_backward(monkeypatch, bf16_kernels: bool) -> None:
+    # the tiny preset on 64x64: levels of 64x64 and 32x32 run channels-last, 16x16 and 8x8 contiguous; on a
+    # CPU without oneDNN's bf16 kernels every level runs contiguous
+    if bf16_kernels and not layers.cpu_has_bf16_kernels():
+        pytest.skip(
+            "this CPU has no oneDNN bf16 kernels (AVX-512 or AMX): torch's reference kernels return contiguous "
+            "outputs whatever the input's layout, so channels-last stays off here"
+        )
+    monkeypatch.setattr(layers, "cpu_has_bf16_kernels", lambda: bf16_kernels)
     torch.manual_seed(0)
     model = build_autoencoder("tiny", gradient_checkpointing=True).to(torch.bfloat16).train()
-    x = (torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1).to(torch.bfloat16)
+    # without the kernels a smaller clip (one level of 32x32) does: bf16 runs about 60x slower there
+    frames, size = (9, 64) if bf16_kernels else (5, 32)
+    x = (torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(4)) * 2 - 1).to(
+        torch.bfloat16
+    )
     with ConvLayouts() as spy:
         out, grads = forward_backward(model, x)
     assert out.recon.is_contiguous() and out.recon.dtype == torch.bfloat16
     assert all(torch.isfinite(g).all() for g in grads.values())
+    if not bf16_kernels:
+        assert spy.calls and all(key[3] in (False, (False, False)) for key in spy.calls)
+        return
     big = {key: n for key, n in spy.calls.items() if key[1] >= layers.CHANNELS_LAST_MIN_PIXELS}
     small = {key: n for key, n in spy.calls.items() if key[1] < layers.CHANNELS_LAST_MIN_PIXELS}
     # conv_out (32 -> 3 channels, the reconstruction) is the one plain conv at full resolution

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.layers import cpu_has_bf16_kernels
+
 
 @dataclass(frozen=True, slots=True)
 class DistInfo:
@@ -109,6 +111,21 @@ def peak_memory_bytes(device: torch.device) -> float:
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def cpu_bf16_warning() -> str:
+    """What a run with deepspeed.bf16=true on a CPU device is told at start-up."""
+    text = (
+        "deepspeed.bf16=true on a CPU device: torch 2.13's oneDNN bf16 conv3d backward returns garbage "
+        "weight gradients for small inputs (e.g. 2x4x4 feature maps) in some runs, which DeepSpeed then skips "
+        "as overflow or, if finite, trains on. Use deepspeed.bf16=false on CPU."
+    )
+    if not cpu_has_bf16_kernels():
+        text += (
+            " This CPU has no oneDNN bf16 kernels (they need AVX-512 or AMX): bf16 convolutions run on "
+            "torch's reference kernels, about 60x slower than fp32."
+        )
+    return text
 
 
 def gathered(params: Iterable[torch.nn.Parameter | None]) -> contextlib.AbstractContextManager:

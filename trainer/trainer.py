@@ -32,6 +32,7 @@ from trainer.distributed import (
     all_ranks_true,
     all_reduce_max,
     barrier,
+    cpu_bf16_warning,
     init_distributed,
     peak_memory_bytes,
 )
@@ -88,11 +89,7 @@ class Trainer:
         _setup_logging(self.dist.rank)
         config.check_world_size(self.dist.world_size)
         if config.deepspeed.bf16 and self.dist.device.type == "cpu":
-            log.warning(
-                "deepspeed.bf16=true on a CPU device: torch 2.13's oneDNN bf16 conv3d backward returns garbage "
-                "weight gradients for small inputs (e.g. 2x4x4 feature maps) in some runs, which DeepSpeed "
-                "then skips as overflow or, if finite, trains on. Use deepspeed.bf16=false on CPU."
-            )
+            log.warning(cpu_bf16_warning())
         self.run_dir = Path(config.train.output_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
