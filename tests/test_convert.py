@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 from safetensors.torch import load_file
 
-from distributed_utils import free_port
+from distributed_utils import BF16_CLIP_OVERRIDES, free_port
 from models.convert import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -114,6 +114,7 @@ def test_init_from_lr0_training_exports_identical_tensors(tmp_path):
         f"train.output_dir={run_dir}", f"data.demo.dir={tmp_path / 'demo'}",
         "data.demo.train_shards=2", "data.demo.eval_shards=1", "data.demo.clips_per_shard=2",
         "data.resolution=32", "data.batch_size=1", "data.num_workers=0", "eval.max_clips=1", "eval.batch_size=1",
+        *BF16_CLIP_OVERRIDES,
     ]  # fmt: skip
     result = subprocess.run(
         train, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_utils import run_ranks
+from distributed_utils import BF16_CLIP_OVERRIDES, run_ranks
 from models import build_autoencoder
 from trainer.build import build_loss
 from trainer.config import load_config
@@ -254,6 +254,7 @@ def test_trainer_trains_checkpoints_and_resumes_at_every_zero_stage(tmp_path):
             *common,
             f"deepspeed.zero_stage={stage}",
             f"deepspeed.bf16={'true' if bf16 else 'false'}",
+            *(BF16_CLIP_OVERRIDES if bf16 else []),
         ]
         for stage, bf16 in TRAINER_RUNS
     }
