@@ -411,10 +411,10 @@ def main(argv: list[str] | None = None) -> None:
         "--profile", choices=("project", "reference"), help="print a torch.profiler table and exit"
     )
     args = parser.parse_args(argv)
+    from models.layers import cpu_has_bf16_kernels
+
     device = torch.device(args.device)
     if device.type == "cpu" and args.dtype == "bf16":
-        from models.layers import cpu_has_bf16_kernels
-
         if not cpu_has_bf16_kernels():
             parser.error(
                 "--dtype bf16: this CPU has no oneDNN bf16 kernels (they need AVX-512 or AMX), so bf16 "
@@ -478,8 +478,6 @@ def main(argv: list[str] | None = None) -> None:
         f"ZeRO {args.zero_stage}, {args.repeats} interleaved rounds"
     )
     if device.type == "cpu":
-        from models.layers import cpu_has_bf16_kernels
-
         print(
             f"CPU: {torch.backends.cpu.get_cpu_capability()} vector kernels, oneDNN bf16 kernels "
             f"{'yes' if cpu_has_bf16_kernels() else 'no'}"
