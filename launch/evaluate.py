@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import init_distributed
+from trainer.distributed import exit_process, init_distributed
 from trainer.quality import QualityMetrics
 from trainer.tools import (
     add_lpips_arguments,
@@ -142,4 +142,4 @@ def format_table(results: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import torch
 
+from trainer.distributed import exit_process
 from trainer.export import export_weights, load_checkpoint_autoencoder, measure_scaling_factor
 from trainer.tools import default_device, evaluation_batches
 
@@ -95,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import av
 import torch
 
+from trainer.distributed import exit_process
 from trainer.tools import (
     ReconstructionScore,
     VideoWriter,
@@ -162,4 +163,4 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch.distributed as dist
 
 from trainer.config import ConfigError, load_config
+from trainer.distributed import exit_process
 from trainer.trainer import NonFiniteTrainingError, Trainer
 
 
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

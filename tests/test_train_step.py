@@ -112,30 +112,40 @@ def _adaptive_weight_worker(rank: int, world_size: int, zero_stage: int, discrim
 # rounding at 9 vs 18 frames moves this ratio of gradient norms by 9e-5 (measured). The per-rank weights
 # without the all-reduce are checked to be far outside the tolerance, so it still tells the global weight
 # apart.
-@pytest.mark.parametrize(
-    ("zero_stage", "discriminators", "tolerance"),
-    [
-        (2, '[{"type": "3d"}]', 1e-5),
-        (2, '[{"type": "3d"}, {"type": "magvit2d", "weight": 0.5}]', 3e-4),
-    ],
-)
-def test_adaptive_weight_is_global_and_equal_on_every_rank(tmp_path, zero_stage, discriminators, tolerance):
-    results = run_ranks(_adaptive_weight_worker, tmp_path, zero_stage, discriminators)
-    weights = [r["weight"] for r in results]
-    reference = results[0]["reference"]
-    assert weights[0] == weights[1], weights
-    assert reference["weight"] > 0
-    assert abs(weights[0] - reference["weight"]) / reference["weight"] < tolerance, (weights, reference)
-    for result in results:  # what each rank alone would have used: not the global weight
-        assert abs(result["local"] - reference["weight"]) / reference["weight"] > 30 * tolerance
-    # LeCam: the same running means on both ranks, equal to the global batch's mean logits
-    assert results[0]["lecam"] == results[1]["lecam"]
-    assert sorted(results[0]["lecam"]) == sorted(reference["lecam"])
-    for key, (ema_real, ema_fake) in results[0]["lecam"].items():
-        expected_real, expected_fake = reference["lecam"][key]
-        assert ema_real == pytest.approx(expected_real, rel=1e-4, abs=1e-6), key
-        assert ema_fake == pytest.approx(expected_fake, rel=1e-4, abs=1e-6), key
-    assert math.isfinite(results[0]["d_metrics"]["lecam"].item())
+# (zero stage, discriminators, tolerance), all in one pair of processes (a spawn per case doubled the time)
+ADAPTIVE_WEIGHT_CASES = [
+    (2, '[{"type": "3d"}]', 1e-5),
+    (2, '[{"type": "3d"}, {"type": "magvit2d", "weight": 0.5}]', 3e-4),
+]
+
+
+def _adaptive_weight_cases_worker(rank: int, world_size: int, cases: list[tuple[int, str]]) -> list[dict]:
+    return [_adaptive_weight_worker(rank, world_size, *case) for case in cases]
+
+
+def test_adaptive_weight_is_global_and_equal_on_every_rank(tmp_path):
+    cases = [(zero_stage, discriminators) for zero_stage, discriminators, _ in ADAPTIVE_WEIGHT_CASES]
+    per_rank = run_ranks(_adaptive_weight_cases_worker, tmp_path, cases)
+    for index, (_, discriminators, tolerance) in enumerate(ADAPTIVE_WEIGHT_CASES):
+        results = [rank_results[index] for rank_results in per_rank]
+        weights = [r["weight"] for r in results]
+        reference = results[0]["reference"]
+        assert weights[0] == weights[1], (discriminators, weights)
+        assert reference["weight"] > 0, discriminators
+        relative = abs(weights[0] - reference["weight"]) / reference["weight"]
+        assert relative < tolerance, (discriminators, weights, reference)
+        for result in results:  # what each rank alone would have used: not the global weight
+            assert abs(result["local"] - reference["weight"]) / reference["weight"] > 30 * tolerance, (
+                discriminators
+            )
+        # LeCam: the same running means on both ranks, equal to the global batch's mean logits
+        assert results[0]["lecam"] == results[1]["lecam"], discriminators
+        assert sorted(results[0]["lecam"]) == sorted(reference["lecam"]), discriminators
+        for key, (ema_real, ema_fake) in results[0]["lecam"].items():
+            expected_real, expected_fake = reference["lecam"][key]
+            assert ema_real == pytest.approx(expected_real, rel=1e-4, abs=1e-6), (discriminators, key)
+            assert ema_fake == pytest.approx(expected_fake, rel=1e-4, abs=1e-6), (discriminators, key)
+        assert math.isfinite(results[0]["d_metrics"]["lecam"].item()), discriminators
 
 
 def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:

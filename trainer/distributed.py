@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,18 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def exit_process(status: int | None = 0) -> NoReturn:
+    """sys.exit(status) without the interpreter's last garbage collection over every object still alive.
+
+    With torch, DeepSpeed and inductor imported, that collection kept a process alive about 2 s after its
+    work was done (measured on a 2-core AMD EPYC: 2.45 s -> 0.29 s from the last atexit handler to the exit),
+    on every rank and for every command-line tool. Nothing it would free matters at exit: the trainer and
+    the tools close their files and writers themselves, and atexit handlers (logging's flush, the
+    DataLoader workers' shutdown) still run."""
+    gc.freeze()  # the remaining objects move to the permanent generation, which no collection visits
+    sys.exit(status)
 
 
 def _free_port() -> int:

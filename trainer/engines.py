@@ -6,7 +6,9 @@ import math
 import types
 from typing import Any
 
+import numpy as np
 import torch
+from einops import rearrange
 from torch import nn
 
 from trainer.config import OptimizerConfig, RunConfig
@@ -35,6 +37,11 @@ def compile_autoencoder(autoencoder: nn.Module) -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True
+    # einops registers a backend for each array type on its first use, and dynamo guards the compiled
+    # forward on how many are registered: numpy's, first used after the first compiled call (the trainer's
+    # TensorBoard media strip), recompiled the whole forward (minutes on a CPU). Both registered here.
+    rearrange(np.zeros(1), "a -> a")
+    rearrange(torch.zeros(1), "a -> a")
     autoencoder.compile(dynamic=False)
 
 
