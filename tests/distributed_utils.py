@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,21 @@ from models.layers import cpu_has_bf16_kernels
 # bf16 on a CPU without oneDNN's bf16 kernels (AVX2 only) runs on torch's reference kernels, about 60x slower
 # than fp32: there the bf16 training runs take 5-frame 16x16 clips (overrides appended after the test's own).
 BF16_CLIP_OVERRIDES = [] if cpu_has_bf16_kernels() else ["data.num_frames=5", "data.resolution=16"]
+
+
+def run_command(
+    command: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root, output captured, no standard input, `env` over ours."""
+    return subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ then a single process without a launcher; then config mistakes that must fail at
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distributed_utils import SMALL_DEMO_RUN, free_port
+from distributed_utils import SMALL_DEMO_RUN, free_port, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.json"
@@ -121,31 +120,31 @@ def test_deepspeed_two_ranks_trains_logs_checkpoints_and_resumes(tmp_path):
     assert train_steps == [2, 4, 6]  # the resumed run went on with steps 5 and 6 and did not redo 1-4
 
 
-def test_resampled_stream_with_aspect_ratio_buckets(tmp_path):
-    """data.mode=resampled and data.buckets reach the trainer: batches of one bucket's size train."""
-    command = [
-        sys.executable,
-        "launch/train.py",
-        "--config",
-        TINY,
-        *SMALL,
+def test_resampled_stream_with_aspect_ratio_buckets_and_restoration(tmp_path, demo_dir):
+    """data.mode=resampled and data.buckets reach the trainer: batches of one bucket's size train; and
+    data.restoration: the model learns to restore degraded clips (evaluated on degraded inputs too)."""
+    run_dir = tmp_path / "run"
+    result = run_single_process(
+        run_dir,
+        demo_dir,
         "train.max_steps=2",
-        f"train.output_dir={tmp_path / 'run'}",
-        f"data.demo.dir={tmp_path / 'demo'}",
+        "train.log_every=2",
+        "data.num_workers=1",
         "data.mode=resampled",
         "data.buckets=[[32, 48], [48, 32]]",
         "data.batch_size=2",
-        "eval.every=0",
-    ]
-    result = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+        "data.restoration.enabled=true",
+        "data.restoration.scale=2",
+        "data.restoration.noise_std=0.02",
+        "data.restoration.jpeg_quality=80",
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     state = torch.load(
-        tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer" / "rank_00000.pt", weights_only=False
+        run_dir / "checkpoints" / "step_00000002" / "trainer" / "rank_00000.pt", weights_only=False
     )
     assert state["data"]["mode"] == "resampled"
-    assert [r["step"] for r in train_records(tmp_path / "run")] == [2]
+    assert [record["step"] for record in train_records(run_dir)] == [2]
+    assert any(math.isfinite(record["eval/psnr"]) for record in metric_records(run_dir, "eval/psnr"))
 
 
 @pytest.mark.parametrize(
@@ -197,15 +196,7 @@ def run_single_process(
         f"data.demo.dir={demo}",
         *overrides,
     ]
-    return subprocess.run(
-        command,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
+    return run_command(command, env)
 
 
 def metric_records(run_dir: Path, key: str) -> list[dict]:
@@ -331,19 +322,3 @@ def test_tiny_run_with_every_term_of_the_objective(tmp_path, demo_dir):
     second = run_single_process(run_dir, demo_dir, "train.max_steps=4", "train.resume=auto", *everything)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert [record["step"] for record in train_records(run_dir)] == [1, 2, 3, 4]
-
-
-def test_tiny_restoration_run_trains_on_degraded_clips(tmp_path, demo_dir):
-    run_dir = tmp_path / "run"
-    result = run_single_process(
-        run_dir,
-        demo_dir,
-        "train.max_steps=2",
-        "data.restoration.enabled=true",
-        "data.restoration.scale=2",
-        "data.restoration.noise_std=0.02",
-        "data.restoration.jpeg_quality=80",
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert [record["step"] for record in train_records(run_dir)] == [1, 2]
-    assert any(math.isfinite(record["eval/psnr"]) for record in metric_records(run_dir, "eval/psnr"))

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from distributed_utils import SMALL_DEMO_RUN, free_port
+from distributed_utils import SMALL_DEMO_RUN, free_port, run_command
 from trainer.export import consolidated_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +48,7 @@ def command(*overrides: str, ranks: int = 2, script: str = "launch/train.py") ->
 
 
 def run(*overrides: str, ranks: int = 2, env: dict[str, str] | None = None, script: str = "launch/train.py"):
-    return subprocess.run(
-        command(*overrides, ranks=ranks, script=script),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
+    return run_command(command(*overrides, ranks=ranks, script=script), env)
 
 
 def output(result) -> str:

@@ -119,15 +119,26 @@ ADAPTIVE_WEIGHT_CASES = [
 ]
 
 
-def _adaptive_weight_cases_worker(rank: int, world_size: int, cases: list[tuple[int, str]]) -> list[dict]:
-    return [_adaptive_weight_worker(rank, world_size, *case) for case in cases]
+def _ranks_worker(rank: int, world_size: int, cases: list[tuple[int, str]], isolation_bf16: bool) -> dict:
+    return {
+        "adaptive_weight": [_adaptive_weight_worker(rank, world_size, *case) for case in cases],
+        "isolation": _isolation_worker(rank, world_size, isolation_bf16),
+    }
 
 
-def test_adaptive_weight_is_global_and_equal_on_every_rank(tmp_path):
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict]:
+    """Both tests' work in one pair of ranks: a spawn and its imports are most of each test's time.
+    The isolation run is fp32: on CPU, torch 2.13's oneDNN bf16 conv3d backward returns garbage weight
+    gradients for small inputs in some runs (the discriminator head at 2x4x4), and DeepSpeed then skips
+    that step as overflow."""
     cases = [(zero_stage, discriminators) for zero_stage, discriminators, _ in ADAPTIVE_WEIGHT_CASES]
-    per_rank = run_ranks(_adaptive_weight_cases_worker, tmp_path, cases)
+    return run_ranks(_ranks_worker, tmp_path_factory.mktemp("ranks"), cases, False)
+
+
+def test_adaptive_weight_is_global_and_equal_on_every_rank(rank_results):
     for index, (_, discriminators, tolerance) in enumerate(ADAPTIVE_WEIGHT_CASES):
-        results = [rank_results[index] for rank_results in per_rank]
+        results = [per_rank["adaptive_weight"][index] for per_rank in rank_results]
         weights = [r["weight"] for r in results]
         reference = results[0]["reference"]
         assert weights[0] == weights[1], (discriminators, weights)
@@ -205,11 +216,8 @@ def _isolation_worker(rank: int, world_size: int, bf16: bool) -> dict:
     }
 
 
-# fp32: on CPU, torch 2.13's oneDNN bf16 conv3d backward returns garbage weight gradients for small
-# inputs in some runs (the discriminator head at 2x4x4), and DeepSpeed then skips that step as overflow.
-@pytest.mark.parametrize("bf16", [False])
-def test_each_step_updates_only_its_own_engine_once_per_training_step(tmp_path, bf16):
-    results = run_ranks(_isolation_worker, tmp_path, bf16)
+def test_each_step_updates_only_its_own_engine_once_per_training_step(rank_results):
+    results = [per_rank["isolation"] for per_rank in rank_results]
     for result in results:
         assert not any(result["g_changes_d"]), "the generator step changed discriminator parameters"
         assert not any(result["d_changes_g"]), "the discriminator step changed autoencoder parameters"

@@ -116,13 +116,15 @@ UPDATE_ATOL, MOVED_FRACTION = 1e-6, 1e-3
 STEP_1_RTOL = 1e-3
 
 
-def test_every_zero_stage_trains_like_zero_0(tmp_path):
-    stages, steps = [0, 1, 2, 3], 2
-    results = run_ranks(_stages_worker, tmp_path, stages, steps)
+STAGES, STEPS = [0, 1, 2, 3], 2
+
+
+def test_every_zero_stage_trains_like_zero_0(two_rank_results):
+    results = [per_rank["stages"] for per_rank in two_rank_results["ranks"]]
     reference = results[0][0]  # rank 0, ZeRO-0
     assert all(w > 0 for w in reference["weight"]), reference
     assert reference["final_logvar"] != 0.0  # the log-variance trains (init 0)
-    for stage in stages:
+    for stage in STAGES:
         per_rank = [result[stage] for result in results]
         # every rank uses the same adaptive weight (all-reduced gradients), at every step
         assert per_rank[0]["weight"] == per_rank[1]["weight"], (stage, per_rank)
@@ -222,6 +224,13 @@ def _train_and_resume_worker(rank: int, world_size: int, runs: dict[str, list[st
     return results
 
 
+def _two_rank_worker(rank: int, world_size: int, runs: dict[str, list[str]]) -> dict[str, dict]:
+    return {
+        "stages": _stages_worker(rank, world_size, STAGES, STEPS),
+        "trainer": _train_and_resume_worker(rank, world_size, runs),
+    }
+
+
 # fp32 at every stage is covered above; here the Trainer (checkpoints, evaluation) in bf16 at every stage,
 # and in fp32 at ZeRO-3, whose checkpoints differ most. bf16 on CPU: oneDNN's bf16 conv3d backward returns
 # garbage discriminator gradients for small inputs in some runs, at every stage (measured with this test's
@@ -230,10 +239,11 @@ def _train_and_resume_worker(rank: int, world_size: int, runs: dict[str, list[st
 TRAINER_RUNS = [(0, True), (1, True), (2, True), (3, True), (3, False)]
 
 
-def test_trainer_trains_checkpoints_and_resumes_at_every_zero_stage(tmp_path):
+def _trainer_runs(root: Path) -> dict[str, list[str]]:
+    """The Trainer-level runs' overrides by name, their demo shards and outputs under `root`."""
     common = [
         *ADVERSARIAL,
-        f"data.demo.dir={tmp_path / 'demo'}",
+        f"data.demo.dir={root / 'demo'}",
         "data.demo.train_shards=2",
         "data.demo.eval_shards=1",
         "data.demo.clips_per_shard=4",
@@ -259,12 +269,24 @@ def test_trainer_trains_checkpoints_and_resumes_at_every_zero_stage(tmp_path):
         for stage, bf16 in TRAINER_RUNS
     }
     for name, overrides in runs.items():
-        overrides.append(f"train.output_dir={tmp_path / name}")
+        overrides.append(f"train.output_dir={root / name}")
     # the EMA gathers the partitioned weights under ZeRO-3 (and evaluation then uses a plain copy)
     runs["zero3-fp32"].append("ema.enabled=true")
-    results = run_ranks(_train_and_resume_worker, tmp_path / "ranks", runs)
+    return runs
 
-    for name in runs:
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory) -> dict:
+    """The step-level and the Trainer-level runs in one pair of ranks (a spawn, its imports and its
+    process group cost several seconds): {"root": where the runs wrote, "ranks": each rank's results}."""
+    root = tmp_path_factory.mktemp("zero_stages")
+    return {"root": root, "ranks": run_ranks(_two_rank_worker, root / "ranks", _trainer_runs(root))}
+
+
+def test_trainer_trains_checkpoints_and_resumes_at_every_zero_stage(two_rank_results):
+    root = two_rank_results["root"]
+    results = [per_rank["trainer"] for per_rank in two_rank_results["ranks"]]
+    for name in results[0]:
         per_rank = [result[name] for result in results]
         for result in per_rank:
             first, second = result["first"], result["second"]
@@ -279,7 +301,7 @@ def test_trainer_trains_checkpoints_and_resumes_at_every_zero_stage(tmp_path):
         assert per_rank[0]["first"]["weights"] == per_rank[1]["first"]["weights"], name
         assert per_rank[0]["second"]["weights"] == per_rank[1]["second"]["weights"], name
 
-        metrics_file = tmp_path / name / "metrics.jsonl"
+        metrics_file = root / name / "metrics.jsonl"
         records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         steps = [record for record in records if "perf/step_time_s" in record]
         assert [record["step"] for record in steps] == [1, 2, 3], name  # continued at 3, no redo of 1-2
@@ -300,7 +322,7 @@ def test_trainer_trains_checkpoints_and_resumes_at_every_zero_stage(tmp_path):
         assert any(math.isfinite(record.get("eval/psnr", math.nan)) for record in records), name
 
     # ZeRO-3's EMA holds whole fp32 weights, the trained ones' shapes, updated once per step
-    checkpoint = tmp_path / "zero3-fp32" / "checkpoints" / "step_00000003"
+    checkpoint = root / "zero3-fp32" / "checkpoints" / "step_00000003"
     ema = torch.load(checkpoint / "ema.pt")
     trained = autoencoder_state_dict(consolidated_state_dict(checkpoint, "generator"))
     assert int(ema.pop("__ema_updates__")) == 3
