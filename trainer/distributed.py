@@ -1,4 +1,4 @@
-"""Process-group setup from the launcher's environment (deepspeed, torchrun, SLURM, or none)."""
+"""Process-group setup from the launcher's environment (deepspeed, torchrun, SLURM, or none), and how a process ends."""
 
 from __future__ import annotations
 
