@@ -1,4 +1,5 @@
-"""Process-group setup from the launcher's environment (deepspeed, torchrun, SLURM, or none), and how a process ends."""
+"""Process-group setup from the launcher's environment (deepspeed, torchrun, SLURM, or none), and how a
+process ends."""
 
 from __future__ import annotations
 
