@@ -5,7 +5,6 @@ writes load here, folders written here load there, and tensors survive exactly.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 from safetensors.torch import load_file
 
-from distributed_utils import BF16_CLIP_OVERRIDES, free_port
+from distributed_utils import BF16_CLIP_OVERRIDES, free_port, run_command
 from models.convert import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -116,9 +115,7 @@ def test_init_from_lr0_training_exports_identical_tensors(tmp_path):
         "data.resolution=32", "data.batch_size=1", "data.num_workers=0", "eval.max_clips=1", "eval.batch_size=1",
         *BF16_CLIP_OVERRIDES,
     ]  # fmt: skip
-    result = subprocess.run(
-        train, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
-    )
+    result = run_command(train, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "weights and architecture from" in result.stdout + result.stderr
 
@@ -130,9 +127,7 @@ def test_init_from_lr0_training_exports_identical_tensors(tmp_path):
         "--output",
         str(tmp_path / "out"),
     ]
-    result = subprocess.run(
-        export, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
-    )
+    result = run_command(export, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     original = load_file(tmp_path / "reference" / WEIGHTS_NAME)
@@ -146,8 +141,8 @@ def test_init_from_lr0_training_exports_identical_tensors(tmp_path):
 
 
 def test_export_reports_missing_checkpoints(tmp_path):
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "launch/export.py", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
-        cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "does not exist" in result.stderr

@@ -70,9 +70,7 @@ def launch_2_ranks(*overrides: str) -> subprocess.CompletedProcess:
         TINY,
         *overrides,
     ]
-    return subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
-    )
+    return run_command(command, timeout=900)
 
 
 def scalars_by_tag(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -163,9 +161,7 @@ def test_bad_config_fails_at_start_with_a_message(tmp_path, override, message):
         override,
         f"train.output_dir={tmp_path}/run",
     ]
-    result = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
-    )
+    result = run_command(command, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

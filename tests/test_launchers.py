@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_utils import SMALL_DEMO_RUN, free_port
+from distributed_utils import SMALL_DEMO_RUN, free_port, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
@@ -55,9 +55,7 @@ def test_torchrun_two_ranks(tmp_path):
         "configs/tiny.json",
         *overrides(tmp_path),
     ]
-    result = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
-    )
+    result = run_command(command)
     check_run(tmp_path, result.stdout + result.stderr, result.returncode)
 
 

@@ -119,10 +119,10 @@ ADAPTIVE_WEIGHT_CASES = [
 ]
 
 
-def _ranks_worker(rank: int, world_size: int, cases: list[tuple[int, str]], isolation_bf16: bool) -> dict:
+def _ranks_worker(rank: int, world_size: int, cases: list[tuple[int, str]]) -> dict:
     return {
         "adaptive_weight": [_adaptive_weight_worker(rank, world_size, *case) for case in cases],
-        "isolation": _isolation_worker(rank, world_size, isolation_bf16),
+        "isolation": _isolation_worker(rank, world_size, bf16=False),
     }
 
 
@@ -133,7 +133,7 @@ def rank_results(tmp_path_factory) -> list[dict]:
     gradients for small inputs in some runs (the discriminator head at 2x4x4), and DeepSpeed then skips
     that step as overflow."""
     cases = [(zero_stage, discriminators) for zero_stage, discriminators, _ in ADAPTIVE_WEIGHT_CASES]
-    return run_ranks(_ranks_worker, tmp_path_factory.mktemp("ranks"), cases, False)
+    return run_ranks(_ranks_worker, tmp_path_factory.mktemp("ranks"), cases)
 
 
 def test_adaptive_weight_is_global_and_equal_on_every_rank(rank_results):

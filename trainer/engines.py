@@ -39,7 +39,7 @@ def compile_autoencoder(autoencoder: nn.Module) -> None:
     inductor_config.fallback_random = True
     # einops registers a backend for each array type on its first use, and dynamo guards the compiled
     # forward on how many are registered: numpy's, first used after the first compiled call (the trainer's
-    # TensorBoard media strip), recompiled the whole forward (minutes on a CPU). Both registered here.
+    # TensorBoard media strip), made dynamo trace the whole forward again. Both registered here.
     rearrange(np.zeros(1), "a -> a")
     rearrange(torch.zeros(1), "a -> a")
     autoencoder.compile(dynamic=False)
