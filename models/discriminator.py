@@ -19,7 +19,13 @@ LEAKY_SLOPE = 0.2
 def init_discriminator_weights(model: nn.Module) -> None:
     """taming-transformers' PatchGAN init, shared by every discriminator here: conv and linear weights
     ~ N(0, 0.02), biases 0, GroupNorm affine 1 and 0. With GroupNorm before each conv the initial logits
-    stay O(1)."""
+    stay O(1).
+
+    Parameters on the meta device (a config check builds the discriminators there) hold no values, so
+    nothing is drawn: `normal_` on a meta tensor goes through torch's Python reference kernels, whose first
+    use imports torch._dynamo, 1.5-1.8 s of every command's start-up."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for module in model.modules():
         if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
             nn.init.normal_(module.weight, 0.0, 0.02)

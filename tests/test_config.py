@@ -151,3 +151,23 @@ def test_cluster_recipe_loads_and_its_models_build_on_the_meta_device():
         discriminators = config.discriminator.build()  # the set the recipe trains
     assert discriminators.output_keys == ["3d"]
     assert sum(p.numel() for p in autoencoder.parameters()) == 215_583_907
+
+
+def test_loading_a_config_does_not_import_the_compiler():
+    """Checking a config builds its discriminators on the meta device; drawing their initial weights there
+    went through torch's Python reference kernels, whose first use imports torch._dynamo: 1.5-1.8 s added
+    to the start of every command (train, evaluate, export, reconstruct) and of every rank."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from trainer.config import load_config\n"
+        f"for name in ('tiny.json', 'cogvideo_vae.json'):\n"
+        f"    load_config({str(REPO / 'configs')!r} + '/' + name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout[-2000:]
