@@ -123,7 +123,9 @@ class ReferenceStep:
                 0.0, self.adaptive_max
             )
             d_weight = d_weight.detach()
-            loss = nll + self.kl_weight * kl + self.adversarial_weight * d_weight * g_loss
+            # kl_weight relative to the reconstruction summed per clip (LDM's meaning; `rec` is a mean)
+            kl_term = self.kl_weight * kl / video[0].numel()
+            loss = nll + kl_term + self.adversarial_weight * d_weight * g_loss
             loss.backward()
         finally:
             self.discriminator.requires_grad_(True)

@@ -58,7 +58,7 @@ class GeneratorTerms(NamedTuple):
     nll: Tensor  # reconstruction + perceptual terms: what the adaptive weight balances against
     adversarial: Tensor  # weighted generator GAN loss over the discriminator outputs (0 when inactive)
     feature_matching: Tensor  # unweighted mean over outputs (0 when off or inactive)
-    latent: Tensor  # kl_weight * KL + quantizer_aux_loss_weight * aux, already weighted
+    latent: Tensor  # kl_weight * KL / (C*T*H*W) + quantizer_aux_loss_weight * aux, already weighted
     log: dict[str, Tensor]
 
 
@@ -360,7 +360,11 @@ class VideoAutoencoderLoss(nn.Module):
                 feature_matching = self.feature_matching(real_features, fake_features)
         latent = zero
         if kl is not None:
-            latent = latent + self.kl_weight * kl.float()
+            # kl_weight as in taming/LDM/SGM, whose reconstruction term is summed over each clip's elements:
+            # here it is their mean, so the KL (summed over latent elements) is divided by the clip's
+            # element count. Otherwise 1e-6 would weigh the KL C*T*H*W times more than there (3.3e6 times
+            # for 3x17x256x256 clips) and the balance would move with the clip size.
+            latent = latent + self.kl_weight * kl.float() / inputs[0].numel()
             log["kl"] = kl.detach().float()
         if aux_loss is not None:
             latent = latent + self.quantizer_aux_loss_weight * aux_loss.float()
@@ -466,6 +470,10 @@ class VideoAutoencoderLoss(nn.Module):
         `aux_losses` is the quantizer's auxiliary loss; `posterior` (ours) a DiagonalGaussian whose KL is
         added. The adaptive weight needs `last_layer` (the decoder's last weight, in the graph of
         `reconstructions`); without it the weight is 1. Returns (loss, {f"{split}/<name>": detached}).
+
+        As in the seed, optimizer_idx 0 calls the discriminator as it is: its parameters get gradients from
+        the autoencoder's loss unless the caller freezes them (as Lightning's optimizer toggling does) or
+        zeroes them before the discriminator's backward. trainer/step.py freezes them.
         """
         discriminator = self._require_discriminator(global_step)
         if optimizer_idx == 0:

@@ -192,10 +192,11 @@ def test_generator_terms_and_total_by_hand():
     assert terms.nll.item() == pytest.approx(2.0)  # mean |[1, 3]|
     assert terms.adversarial.item() == pytest.approx(-2.0)  # hinge: -mean([1, 3])
     assert terms.feature_matching.item() == pytest.approx(1.5)
-    assert terms.latent.item() == pytest.approx(0.1 * 4.0 + 3.0 * 0.5)
+    # kl_weight * KL / (2 elements per clip: LDM's kl_weight, see test_video_loss) + aux weight * aux
+    assert terms.latent.item() == pytest.approx(0.1 * 4.0 / 2 + 3.0 * 0.5)
     # nll + 2 * fm + latent + 0.5 (adversarial_loss_weight) * 0.25 (adaptive) * adversarial
     total = loss.generator_total(terms, 0.25, global_step=0)
-    assert total.item() == pytest.approx(2.0 + 3.0 + 1.9 + 0.5 * 0.25 * -2.0)
+    assert total.item() == pytest.approx(2.0 + 3.0 + 1.7 + 0.5 * 0.25 * -2.0)
     assert isinstance(terms, GeneratorTerms)
 
 

@@ -125,3 +125,27 @@ def test_last_layer_weight_grad_equals_autograd():
     with pytest.raises(RuntimeError, match="not captured"):
         hook.pop()
     hook.remove()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 16, 16), (1, 3, 17, 32, 24)])
+def test_kl_weight_means_what_it_means_in_ldm_at_any_clip_size(shape):
+    """taming/LDM/SGM sum the reconstruction error over each clip's elements and the KL over the latent's,
+    both averaged over the batch, with kl_weight 1e-6. This loss averages the reconstruction over elements,
+    so its whole generator loss must be LDM's divided by the elements per clip: the same balance between
+    reconstruction and KL, whatever the clip size. (Summing the KL here made it C*T*H*W times stronger.)"""
+    torch.manual_seed(0)
+    inputs = torch.rand(shape) * 2 - 1
+    recon = inputs + 0.1 * torch.randn(shape)
+    mean, logvar = torch.randn(shape[0], 16, 3, 4, 4), torch.randn(shape[0], 16, 3, 4, 4) - 4
+    kl_weight = 1e-6
+    loss = VideoAutoencoderLoss(disc_start=1, perceptual_weight=0.0, kl_weight=kl_weight)
+    kl = VideoAutoencoderLoss.kl_loss(mean, logvar)
+    terms = loss.generator_loss(inputs, recon, global_step=0, kl=kl)
+    ours = terms.nll + terms.latent
+
+    batch, elements = shape[0], inputs[0].numel()
+    rec_sum = (inputs - recon).abs().sum() / batch
+    kl_sum = (0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar)).sum() / batch
+    ldm = rec_sum + kl_weight * kl_sum
+    assert ours.item() == pytest.approx(ldm.item() / elements, rel=1e-5)
+    assert terms.log["kl"].item() == pytest.approx(kl_sum.item(), rel=1e-5)  # logged as LDM logs it
