@@ -23,7 +23,7 @@ setup(
         "pillow",  # image samples, JPEG degradation
         "fsspec[http]>=2023.6",  # remote shards (http/https through aiohttp)
         "s3fs>=2023.6",  # s3:// shards
-        "av>=12",
+        "av>=14.1",  # VideoFrame.rotation (display matrices: phone videos decode upright)
         "einops>=0.7",
         "numpy",
         "scikit-image>=0.22",

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import count
 from random import Random
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from einops import rearrange
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -73,6 +74,17 @@ SKIP_REASONS = (
     "image_in_video_stream",
     "corrupt_image",
 )
+
+# EXIF orientation (2..8) -> the transposition that shows the image upright (1: as stored)
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # slot(shape, epoch) -> the (C, T, H, W) tensor a clip of that shape is written into
 Slot = Callable[[tuple[int, ...], int], torch.Tensor]
@@ -323,18 +335,42 @@ class VideoShardDataset(IterableDataset):
         self, worker: int, num_workers: int, epoch: int, skip: int, replay: Sequence[int], slot: Slot
     ) -> Iterator[dict[str, Any]]:
         """This logical worker's clips from `epoch` on (train: endless), after skipping `skip` raw samples
-        of the first epoch except those in `replay` (decoded again: clips pending in a bucket)."""
+        of the first epoch except those in `replay` (decoded again: clips pending in a bucket).
+
+        Training raises RuntimeError once the epochs (rounds) in a row without a clip have read every shard
+        of the dataset: an endless stream over only bad data would otherwise spin forever, while bad shards
+        among good ones only cost warnings (counting distinct shards, not reads: with as many readers as
+        shards, one bad shard can come to the same reader several epochs in a row).
+        """
         epochs = count(epoch) if self.train else [epoch]
+        fruitless: set[str] = set()  # the shards read in the epochs in a row that gave no clip
+        shards = set(self.shards)
         for epoch in epochs:
             produced = 0
             for sample in self._epoch(epoch, worker, num_workers, skip, replay, slot):
                 produced += 1
+                fruitless.clear()
                 yield sample
-            if self.train and produced == 0 and skip == 0:
-                # Otherwise an infinite stream over only bad samples would spin forever.
-                raise RuntimeError(
-                    f"rank {self.rank} worker {worker}: no usable clip in an epoch over "
-                    f"{self.shards_for(epoch, worker, num_workers)}; skipped {self.skip_counter.counts}"
+            if self.train and produced == 0 and skip == 0:  # a resumed epoch may have been all skipped
+                urls = self.shards_for(epoch, worker, num_workers)
+                period = f"round {epoch}" if self.mode == "resampled" else f"epoch {epoch}"
+                fruitless.update(urls)
+                if fruitless >= shards:
+                    raise RuntimeError(
+                        f"rank {self.rank} worker {worker}: no usable clip in any of the dataset's "
+                        f"{len(shards)} shards, read in epochs (rounds) in a row; the last, {period}, over "
+                        f"{urls}; skipped {self.skip_counter.counts}"
+                    )
+                logger.warning(
+                    "rank %d worker %d: no usable clip in %s over %s (shards without one, in a row: %d; the "
+                    "stream stops when that is all %d); skipped %s",
+                    self.rank,
+                    worker,
+                    period,
+                    urls,
+                    len(fruitless),
+                    len(shards),
+                    self.skip_counter.counts,
                 )
             skip, replay = 0, ()
 
@@ -436,7 +472,8 @@ class VideoShardDataset(IterableDataset):
             )
 
     def _first_of_each_key(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """`samples` of one shard less the repeats of a key (counted): a key split by other keys' files comes twice."""
+        """`samples` of one shard less the repeats of a key (counted): a key split by other keys' files
+        comes twice."""
         seen: set[str] = set()
         for sample in samples:
             if sample["__key__"] in seen:
@@ -506,8 +543,9 @@ class VideoShardDataset(IterableDataset):
             return None
         try:
             with Image.open(io.BytesIO(data)) as image:
-                frames = torch.from_numpy(np.asarray(image.convert("RGB")).copy())[None]  # (1, H, W, 3)
-        except (OSError, ValueError, Image.DecompressionBombError) as exn:
+                frames = torch.from_numpy(_image_rgb(image))[None]  # (1, H, W, 3)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exn:
+            # SyntaxError: how PIL reports a damaged file (a PNG chunk, an EXIF header) once it is open
             self.skip_counter.skip("corrupt_image", where, exn)
             return None
         return self._place(frames, tuple(frames.shape[1:3]), Random(sample["__seed__"]), slot)
@@ -669,7 +707,8 @@ def build_video_dataset(
     """
     if num_frames < 1 or frame_stride < 1 or resolution < 1:
         raise ValueError(
-            f"num_frames ({num_frames}), frame_stride ({frame_stride}) and resolution ({resolution}) must be >= 1"
+            f"num_frames ({num_frames}), frame_stride ({frame_stride}) and resolution ({resolution}) "
+            "must be >= 1"
         )
     if shuffle_buffer < 0 or epoch_offset < 0:
         raise ValueError(f"shuffle_buffer ({shuffle_buffer}) and epoch_offset ({epoch_offset}) must be >= 0")
@@ -768,6 +807,7 @@ def build_dataloader(
             collate_fn=_as_is,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            worker_init_fn=_ignore_termination,
         )
     if batch_size is None or batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size ({batch_size}) must be >= 1 and num_workers ({num_workers}) >= 0")
@@ -779,7 +819,16 @@ def build_dataloader(
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_termination,
     )
+
+
+def _ignore_termination(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. A stop sent to the whole process group (SLURM, `tini -g` in the
+    Docker image, `kill -- -PGID`) killed them (torch's worker handler re-raises it), and their rank then
+    failed on its next batch instead of saving a checkpoint (see Trainer._install_signal_handlers). A worker
+    still ends with its rank: torch's workers exit when their parent is gone, or get SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -817,6 +866,43 @@ class _TailTrackingReader:
 
     def __str__(self) -> str:
         return str(getattr(self.fileobj, "name", self.fileobj))
+
+
+def _image_rgb(image: Image.Image) -> np.ndarray:
+    """An image as uint8 (H, W, 3) RGB, upright (its EXIF orientation applied); ValueError if its pixels
+    have no known range.
+
+    16-bit greys (PNG's mode I;16, or I within 0..65535) are scaled to 8 bits: convert("RGB") would clip
+    them, all white. Float pixels (mode F) and 32-bit integers beyond 16 bits have no agreed range. Other
+    modes convert as PIL does (palette and grey expand; alpha is dropped).
+    """
+    image = _exif_upright(image)
+    if image.mode == "F":
+        raise ValueError("float pixels (PIL mode F) have no known range")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"integer pixels (PIL mode {image.mode}) from {values.min()} to {values.max()}: beyond 16 "
+                "bits, their range is unknown"
+            )
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257): 0..65535 -> 0..255
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))  # a copy: writable, unlike np.asarray's
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """The image turned (or flipped) as its EXIF orientation says, as ImageOps.exif_transpose does but
+    without rewriting the metadata, which fails on some damaged EXIF that still gives an orientation.
+    ValueError if the EXIF cannot be read: the image's orientation is unknown."""
+    image.load()  # first, so that a damaged image is not taken for damaged EXIF (PNG's may follow the pixels)
+    try:
+        exif = image.getexif()
+    except SyntaxError as exn:  # PIL's error for a malformed EXIF (TIFF) header
+        raise ValueError(f"unreadable EXIF, so the orientation is unknown: {exn}") from exn
+    orientation = exif.get(ExifTags.Base.Orientation, 1)
+    transpose = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return image if transpose is None else image.transpose(transpose)
 
 
 def _entries(sample: dict[str, Any]) -> list[str]:

@@ -4,6 +4,8 @@ Keys are 9-digit sample ids in input order (`000000000`, `000000001`, ...); vide
 worker processes only probe and re-encode, so the shards' names, keys and json do not depend on the number
 of workers (libx264's bytes are expected to match too, but are not promised). Each shard is written under
 a temporary name and renamed when complete. A video that cannot be read is skipped, logged and counted.
+Re-encoded videos are H.264, limited-range BT.601 yuv420p (tagged so), turned upright when the source has
+a display rotation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import av
+import numpy as np
+from av.video.reformatter import ColorRange, Colorspace
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -33,7 +37,28 @@ from data.pipeline import VIDEO_EXTENSIONS
 
 logger = logging.getLogger("data")
 
+# m4v is mp4 under Apple's name. The pipeline does not need it in its VIDEO_EXTENSIONS: shards always hold
+# KEY.mp4, whatever the input was called.
+_INPUT_EXTENSIONS = (*VIDEO_EXTENSIONS, "m4v")
 _PASSTHROUGH_SUFFIXES = (".mp4", ".m4v")
+# Re-encoded videos are limited-range BT.601 yuv420p, tagged as such: the tags tell readers that honour them,
+# and BT.601 is also what swscale (so most readers) assumes for untagged video and what
+# data.demo.encode_mp4 writes. The source's primaries and transfer are kept: the RGB is not converted.
+_OUTPUT_FORMAT = "yuv420p"
+_OUTPUT_COLORSPACE = Colorspace.ITU601  # swscale's name for the matrix
+_OUTPUT_COLORSPACE_TAG = 6  # the same as an AVColorSpace: AVCOL_SPC_SMPTE170M
+_OUTPUT_COLOR_RANGE = ColorRange.MPEG
+# AVColorSpace tag of a decoded frame -> swscale matrix, passed explicitly (as is the range) because PyAV's
+# defaults for them changed across versions; untagged (or RGB) frames get swscale's default, BT.601.
+_SWS_COLORSPACES = {
+    1: Colorspace.ITU709,  # AVCOL_SPC_BT709
+    4: Colorspace.FCC,
+    5: Colorspace.ITU601,  # AVCOL_SPC_BT470BG
+    6: Colorspace.ITU601,  # AVCOL_SPC_SMPTE170M
+    7: Colorspace.SMPTE240M,
+    9: Colorspace.BT2020,  # AVCOL_SPC_BT2020_NCL
+    10: Colorspace.BT2020,  # AVCOL_SPC_BT2020_CL
+}
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -169,10 +194,10 @@ def find_videos(input: str | os.PathLike) -> list[VideoSource]:
     videos = {
         path.relative_to(root).as_posix(): path
         for path in paths
-        if path.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS
+        if path.suffix.lower().lstrip(".") in _INPUT_EXTENSIONS
     }
     if not videos:
-        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) found in {text!r}")
+        raise ValueError(f"no video files ({', '.join(_INPUT_EXTENSIONS)}) found in {text!r}")
     return [VideoSource(videos[url], url) for url in sorted(videos)]
 
 
@@ -444,15 +469,17 @@ class _ClipEncoders:
 
     def add(self, frame: av.VideoFrame, source_index: int) -> None:
         if self.count == 0:
-            self.source_size = (frame.width, frame.height)
-            self.size = _output_size(frame.width, frame.height, self.config.max_side)
+            self.source_size = _display_size(frame)
+            self.size = _output_size(*self.source_size, self.config.max_side)
         starts_clip = self.count == 0 if self.stride is None else self.count % self.stride == 0
         if starts_clip:
-            self.active.append((_Mp4Encoder(*self.size, self.rate, self.config.crf), source_index))
+            encoder = _Mp4Encoder(*self.size, self.rate, self.config.crf, tags_from=frame)
+            self.active.append((encoder, source_index))
         self.count += 1
+        output = _output_frame(frame, *self.size)  # once for all the clips that hold it
         still_open = []
         for encoder, start in self.active:
-            encoder.add(frame)
+            encoder.add(output)
             if encoder.frames == self.clip_frames:
                 self.finished.append((encoder.finish(), start, self.source_size))
             else:
@@ -468,6 +495,43 @@ class _ClipEncoders:
         return self.finished
 
 
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counterclockwise quarter turns that show `frame` upright (its display matrix's rotation)."""
+    return round(frame.rotation / 90) % 4
+
+
+def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(width, height) as the frame is shown, its rotation applied."""
+    turned = _quarter_turns(frame) % 2
+    return (frame.height, frame.width) if turned else (frame.width, frame.height)
+
+
+def _output_frame(frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame:
+    """A decoded frame turned upright, scaled to (width, height) and converted to the output's colours."""
+    source_colors = {
+        "src_colorspace": _SWS_COLORSPACES.get(frame.colorspace),
+        "src_color_range": frame.color_range,
+    }
+    turns = _quarter_turns(frame)
+    if turns or source_colors["src_colorspace"] not in (None, _OUTPUT_COLORSPACE):
+        # Through RGB: swscale cannot rotate (and rotated pixels, not a display matrix, show the clip upright
+        # to every reader), and its direct change of YUV matrix is less exact (BT.709 photo -> BT.601:
+        # 2.0 levels mean error, 1.1 through RGB).
+        rgb = frame.reformat(format="rgb24", **source_colors).to_ndarray()  # (H, W, 3)
+        # PyAV's rotation is counterclockwise, as np.rot90's turns are.
+        upright = np.ascontiguousarray(np.rot90(rgb, turns))  # (W, H, 3) after a quarter turn
+        frame, source_colors = av.VideoFrame.from_ndarray(upright, format="rgb24"), {}
+    return frame.reformat(
+        width=width,
+        height=height,
+        format=_OUTPUT_FORMAT,
+        interpolation="AREA",
+        dst_colorspace=_OUTPUT_COLORSPACE,
+        dst_color_range=_OUTPUT_COLOR_RANGE,
+        **source_colors,
+    )
+
+
 def _output_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     scale = min(1.0, max_side / max(width, height)) if max_side else 1.0
     # yuv420p needs even sizes: round down (a 1-pixel rescale at most when not downscaling).
@@ -475,24 +539,29 @@ def _output_size(width: int, height: int, max_side: int | None) -> tuple[int, in
 
 
 class _Mp4Encoder:
-    """Streaming H.264 (libx264, yuv420p) mp4 encoder into memory; same settings as `data.demo.encode_mp4`."""
+    """Streaming H.264 (libx264) mp4 encoder into memory, for frames from `_output_frame`; the same settings
+    as `data.demo.encode_mp4`, with colour tags. `tags_from`: a source frame whose primaries and transfer
+    (kept, as the RGB is not converted) are written with the output's matrix and range.
+    """
 
-    def __init__(self, width: int, height: int, rate: Fraction, crf: int) -> None:
+    def __init__(
+        self, width: int, height: int, rate: Fraction, crf: int, *, tags_from: av.VideoFrame
+    ) -> None:
         self.buffer = io.BytesIO()
         self.container = av.open(self.buffer, mode="w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate)
-        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, _OUTPUT_FORMAT
+        context = self.stream.codec_context
+        context.colorspace, context.color_range = _OUTPUT_COLORSPACE_TAG, _OUTPUT_COLOR_RANGE
+        context.color_primaries, context.color_trc = tags_from.color_primaries, tags_from.color_trc
         # One thread: parallelism comes from worker processes, and libx264 output stays reproducible.
         self.stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
         self.time_base = Fraction(1) / rate
         self.frames = 0
 
     def add(self, frame: av.VideoFrame) -> None:
-        out = frame.reformat(
-            width=self.stream.width, height=self.stream.height, format="yuv420p", interpolation="AREA"
-        )
-        out.pts, out.time_base = self.frames, self.time_base
-        self.container.mux(self.stream.encode(out))
+        frame.pts, frame.time_base = self.frames, self.time_base  # the frame may go to other clips too
+        self.container.mux(self.stream.encode(frame))
         self.frames += 1
 
     def finish(self) -> bytes:

@@ -57,7 +57,8 @@ def decode_clip(
     rng: random.Random | None = None,
     frame_count: int | None = None,
 ) -> torch.Tensor:
-    """Decode `num_frames` frames, every `frame_stride`-th from `start`, as uint8 (T, H, W, C) RGB.
+    """Decode `num_frames` frames, every `frame_stride`-th from `start`, as uint8 (T, H, W, C) RGB, upright
+    (turned by the stream's rotation, as players show it).
 
     With `start=None` the start is drawn uniformly from `rng` (a fresh unseeded one if None) among
     the starts that fit. `frame_count` (e.g. from the sample's json) avoids needing the container's
@@ -72,7 +73,7 @@ def decode_clip(
 
 
 def stack_rgb(frames: list[av.VideoFrame]) -> torch.Tensor:
-    """Decoded frames -> uint8 (T, H, W, C) RGB."""
+    """Decoded frames -> uint8 (T, H, W, C) RGB, upright."""
     # One reformatter for the clip keeps one swscale context: about 3x cheaper than frame.to_ndarray.
     reformatter = VideoReformatter()
     return torch.from_numpy(np.stack([_rgb24(reformatter, frame) for frame in frames]))
@@ -104,15 +105,18 @@ def decode_frames(
             chose_start = start is None
             if start is None:
                 known = frame_count if frame_count is not None and frame_count > 0 else stream.frames
-                if known >= span:
-                    start = (rng or random.Random()).randint(0, known - span)
-                else:
-                    # Unknown (or suspiciously short) length: keep every decoded frame, then choose.
+                if known < span:
+                    # Unknown (mkv and webm give none) or suspiciously short length: count the packets,
+                    # which costs a demux but no decoding, rather than decode the whole video to count.
+                    known = _count_packets(video_bytes)
+                if known < span:
+                    # Too few packets: a short video, cheap to keep whole; choose from what decodes.
                     frames = list(container.decode(stream))
                     if len(frames) < span:
                         raise _too_short(len(frames), num_frames, frame_stride)
                     start = (rng or random.Random()).randint(0, len(frames) - span)
                     return _checked(frames[start : start + span : frame_stride])
+                start = (rng or random.Random()).randint(0, known - span)
             if start > 0 and _seekable(stream):
                 try:
                     picked = _decode_after_seek(container, stream, start, num_frames, frame_stride)
@@ -136,19 +140,19 @@ def decode_frames(
     except (av.FFmpegError, OSError, EOFError) as exn:
         raise VideoDecodeError(f"cannot decode video payload ({len(video_bytes)} bytes): {exn}") from exn
     if chose_start and seen >= span:
-        # The metadata over-counted the frames: retry once with the true count.
+        # The metadata (or the packet count) over-counted the frames: retry once with the true count.
         return decode_frames(video_bytes, num_frames, frame_stride, rng=rng, frame_count=seen)
     raise _too_short(seen, num_frames, frame_stride, start=start)
 
 
 def frame_size(frames: list[av.VideoFrame]) -> tuple[int, int]:
-    """(height, width) of decoded frames."""
-    return frames[0].height, frames[0].width
+    """(height, width) of decoded frames as displayed: upright, after their rotation (see `_rgb24`)."""
+    return _display_size(frames[0])
 
 
 def write_frames(frames: list[av.VideoFrame], out: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
-    """Write the (h, w) window at (top, left) of each RGB frame into `out`, a (C, T, h, w) uint8 or float32
-    CPU tensor (a float one gets the frames' values 0..255 unchanged); returns `out`.
+    """Write the (h, w) window at (top, left) of each upright RGB frame into `out`, a (C, T, h, w) uint8 or
+    float32 CPU tensor (a float one gets the frames' values 0..255 unchanged); returns `out`.
 
     The same pixels as `decode_clip(...)[:, top : top + h, left : left + w]` in (C, T, h, w) layout, with
     one copy per frame instead of a stacked (T, H, W, C) clip, a crop and a layout change.
@@ -161,13 +165,40 @@ def write_frames(frames: list[av.VideoFrame], out: torch.Tensor, top: int = 0, l
     # copy_ for these frame sizes, and without per-frame tensor wrappers.
     target = out.numpy()
     for index, frame in enumerate(frames):
-        rgb = _rgb24(reformatter, frame)  # (H, W, C), a view of the converted frame
+        rgb = _rgb24(reformatter, frame)  # (H, W, C), a view of the converted (and rotated) frame
         np.copyto(target[:, index], rgb[top : top + height, left : left + width].transpose(2, 0, 1))
     return out
 
 
 def _rgb24(reformatter: VideoReformatter, frame: av.VideoFrame) -> np.ndarray:
-    return reformatter.reformat(frame, format="rgb24").to_ndarray()
+    """The frame as (H, W, C) RGB, upright: turned as its display matrix says (phones store portrait video
+    as landscape frames plus a rotation), a view of the converted frame."""
+    return np.rot90(reformatter.reformat(frame, format="rgb24").to_ndarray(), _quarter_turns(frame))
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counterclockwise quarter turns (0..3) that make the frame upright, as np.rot90's `k`.
+
+    PyAV's `rotation` is the display matrix's counterclockwise angle (FFmpeg's av_display_rotation_get),
+    so -90 (a phone's portrait video) is a clockwise quarter turn, as ffmpeg's autorotate does it. An
+    angle between quarter turns (never written by phones or cameras) goes to the nearest one (ties to
+    even); a flip in the matrix is ignored.
+    """
+    return round(frame.rotation / 90) % 4
+
+
+def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(height, width) of the frame once upright."""
+    if _quarter_turns(frame) % 2:
+        return frame.width, frame.height
+    return frame.height, frame.width
+
+
+def _count_packets(video_bytes: bytes) -> int:
+    """Packets of the first video stream (one per frame for the codecs in use), demuxed, not decoded."""
+    with av.open(io.BytesIO(video_bytes), mode="r") as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)  # less the empty flush packets
 
 
 def _checked(frames: list[av.VideoFrame]) -> list[av.VideoFrame]:
@@ -176,7 +207,25 @@ def _checked(frames: list[av.VideoFrame]) -> list[av.VideoFrame]:
     corrupt = sum(frame.is_corrupt for frame in frames)
     if corrupt:
         raise VideoDecodeError(f"{corrupt} of the clip's {len(frames)} frames are corrupt (damaged stream)")
+    # A stream may change its frame size mid-way (WebRTC and screen recordings do): a clip is one size.
+    first = _layout(frames[0])
+    for index, frame in enumerate(frames[1:], start=1):
+        if _layout(frame) != first:
+            raise VideoDecodeError(
+                f"the clip's frames change from {_describe(first)} to {_describe(_layout(frame))} at its "
+                f"frame {index} of {len(frames)}"
+            )
     return frames
+
+
+def _layout(frame: av.VideoFrame) -> tuple[int, int, str]:
+    """(height, width) as displayed and pixel format: what frames of one clip must share."""
+    return (*_display_size(frame), frame.format.name)
+
+
+def _describe(layout: tuple[int, int, str]) -> str:
+    height, width, pixel_format = layout
+    return f"{width}x{height} {pixel_format}"
 
 
 def _seekable(stream: av.VideoStream) -> bool:
@@ -302,5 +351,6 @@ def _too_short(have: int, num_frames: int, frame_stride: int, start: int = 0) ->
     need = clip_span(num_frames, frame_stride)
     where = f" (frames {start}..{start + need - 1})" if start else ""
     return VideoTooShortError(
-        f"video has {have} frames but a clip of {num_frames} frames at stride {frame_stride} needs {need}{where}"
+        f"video has {have} frames but a clip of {num_frames} frames at stride {frame_stride} "
+        f"needs {need}{where}"
     )
