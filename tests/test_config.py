@@ -96,11 +96,26 @@ def test_resolution_not_divisible_by_8_fails():
         ("optim.generator.betas=[0.9]", r"optim.generator.betas must be a list of 2 values"),
         ("loss.kl_weight=-1", r"loss.kl_weight must be >= 0"),
         ("train.max_steps", r"must look like section.key=value"),
+        # 8 px passed the checks, then failed in the first evaluation (SSIM) or step (LPIPS)
+        ("data.resolution=8", r"at least 16 \(LPIPS needs 16 pixels, SSIM 11\); got 8: use 16"),
+        ("data.buckets=[[16, 8]]", r"at least 16 .*got \[16, 8\]: use \[16, 16\]"),
     ],
 )
 def test_bad_values_fail_with_a_message(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(TINY, [override])
+
+
+def test_multiscale_factors_need_a_weight():
+    """Pooled frames judged by the 2D discriminators every step, weighted by 0, would be a silent waste."""
+    image_set = 'discriminator.discriminators=[{"type": "magvit2d"}]'
+    with pytest.raises(ConfigError, match=r"loss.multiscale_adversarial_loss_weight, which is 0"):
+        load_config(TINY, [image_set, "discriminator.multiscale_factors=[2]"])
+    config = load_config(
+        TINY,
+        [image_set, "discriminator.multiscale_factors=[2]", "loss.multiscale_adversarial_loss_weight=0.5"],
+    )
+    assert config.discriminator.multiscale_factors == [2]
 
 
 def test_batch_arithmetic_is_checked_against_the_world_size():

@@ -34,8 +34,10 @@ SHELL_VARIABLES = {"PWD": "/home/user/video-vae-trainer", "NODE_RANK": "1", "MAS
 # `docker run` options that take a value (the image is the first word that is neither an option nor a value).
 DOCKER_RUN_VALUE_OPTIONS = {
     "-v", "--volume", "-e", "--env", "--ulimit", "--shm-size", "--network", "--net", "--ipc", "--entrypoint",
-    "--name", "--gpus", "-w", "--workdir", "--device", "--user", "-u", "--mount", "--cap-add",
+    "--name", "--gpus", "-w", "--workdir", "--device", "--user", "-u", "--mount", "--cap-add", "--stop-timeout",
 }  # fmt: skip
+# PID 1: tini, forwarding SIGTERM to the whole process group (`docker stop` reaches the ranks, which save)
+INIT = ["tini", "-g", "--"]
 DOCKER_RUN_FLAGS = {"--rm", "-it", "-i", "-t", "-d", "--privileged", "--init"}
 
 
@@ -234,7 +236,10 @@ def test_every_copied_path_exists_and_is_not_dockerignored(dockerfile):
 
 
 def test_entrypoint_runs_deepspeed_launch_train_and_cmd_is_a_valid_run(dockerfile, train_module):
-    assert only(dockerfile, "ENTRYPOINT").exec_form() == ["deepspeed", "launch/train.py"]
+    assert only(dockerfile, "ENTRYPOINT").exec_form() == [*INIT, "deepspeed", "launch/train.py"]
+    # tini comes from the image's apt-get install
+    installs = [i for i in dockerfile if i.keyword == "RUN" and "apt-get install" in i.args]
+    assert len(installs) == 1 and "tini" in shlex.split(installs[0].args)
     assert (REPO / "launch" / "train.py").is_file()  # at WORKDIR/launch/train.py after `COPY . .`
     cmd = only(dockerfile, "CMD").exec_form()
     assert cmd is not None
@@ -429,7 +434,11 @@ def test_readme_docker_commands_match_the_image(dockerfile, train_module):
         # Mounts inside WORKDIR hold runs only: one on the code would hide what the image installed.
         assert all(m == root / "runs" for m in mounts if m.is_relative_to(root)), mounts
         launched = [*options["--entrypoint"], *args] if "--entrypoint" in options else [*entrypoint, *args]
+        assert launched[: len(INIT)] == INIT, f"docker stop would not reach the ranks: {launched}"
+        launched = launched[len(INIT) :]
         assert launched[0] == "deepspeed", launched
+        # time for the ranks to save a checkpoint when stopped (Docker's default: 10 s)
+        assert int(options.get("--stop-timeout", ["10"])[0]) >= 30, run
         launcher = deepspeed.launcher.runner.parse_args(launched[1:])
         assert launcher.user_script == "launch/train.py", launched
         train_args = train_module.parse_args(launcher.user_args)

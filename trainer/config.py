@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A config file, override or value that cannot run; the message says how to fix it."""
 
 
+# The smallest frame side: LPIPS' VGG needs 16 pixels and SSIM's window 11 (8 px frames passed the checks,
+# then failed in the first evaluation or step).
+MIN_SIDE = 16
+_MIN_SIDE_WHY = "LPIPS needs 16 pixels, SSIM 11"
+
+
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """The step loop: length, output, resume, seeds and how often to log, evaluate and save."""
@@ -155,9 +161,9 @@ class DataConfig:
             f"rest compress 4x in time; got {self.num_frames}: use {_nearest_4k1(self.num_frames)}",
         )
         _require(
-            self.resolution >= 8 and self.resolution % 8 == 0,
-            f"data.resolution must be a positive multiple of 8 (8x spatial compression); got "
-            f"{self.resolution}: use {max(8, round(self.resolution / 8) * 8)}",
+            self.resolution >= MIN_SIDE and self.resolution % 8 == 0,
+            f"data.resolution must be a positive multiple of 8 (8x spatial compression) and at least "
+            f"{MIN_SIDE} ({_MIN_SIDE_WHY}); got {self.resolution}: use {_side_for(self.resolution)}",
         )
         _require(self.frame_stride >= 1, f"data.frame_stride must be >= 1, got {self.frame_stride}")
         _require(0 <= self.image_ratio < 1, f"data.image_ratio must be in [0, 1), got {self.image_ratio}")
@@ -194,9 +200,10 @@ class DataConfig:
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         for height, width in self.buckets:
             _require(
-                min(height, width) >= 8 and height % 8 == 0 and width % 8 == 0,
-                f"data.buckets sizes must be positive multiples of 8 (8x spatial compression); got "
-                f"[{height}, {width}]: use [{max(8, round(height / 8) * 8)}, {max(8, round(width / 8) * 8)}]",
+                min(height, width) >= MIN_SIDE and height % 8 == 0 and width % 8 == 0,
+                f"data.buckets sizes must be positive multiples of 8 (8x spatial compression) and at least "
+                f"{MIN_SIDE} ({_MIN_SIDE_WHY}); got [{height}, {width}]: use "
+                f"[{_side_for(height)}, {_side_for(width)}]",
             )
         _require(
             len(set(map(tuple, self.buckets))) == len(self.buckets),
@@ -375,6 +382,8 @@ class LossConfig:
     vgg_perceptual_weight: float = 0.0
     style_weight: float = 0.0
     vgg: VGGLossConfig = field(default_factory=VGGLossConfig)
+    # LDM's meaning (taming/SGM: reconstruction summed over each clip's elements, KL over the latent's):
+    # the loss adds kl_weight * KL / (C*T*H*W), as its reconstruction term is a per-element mean
     kl_weight: float = 1e-6
     # weight of the quantizer's auxiliary loss (LFQ: entropy + commitment terms; FSQ has none)
     quantizer_aux_loss_weight: float = 1.0
@@ -536,6 +545,13 @@ class RunConfig:
             "each submodule's parameters in hooks around its forward; that is not compiled or tested "
             "here): set train.compile=false or deepspeed.zero_stage=2",
         )
+        factors, weight = self.discriminator.multiscale_factors, self.loss.multiscale_adversarial_loss_weight
+        _require(
+            not factors or weight > 0,
+            f"discriminator.multiscale_factors={factors} would run the 2D discriminators on pooled frames "
+            "every step for nothing: their outputs are weighted by loss.multiscale_adversarial_loss_weight, "
+            "which is 0; set it > 0 or remove the factors",
+        )
 
     def check_world_size(self, world_size: int) -> None:
         """Batch arithmetic that needs the world size: micro-batch x accumulation x ranks = global batch."""
@@ -679,6 +695,11 @@ def _to_jsonable(obj: Any) -> Any:
 
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
+
+
+def _side_for(side: int) -> int:
+    """The nearest frame side the checks accept: a multiple of 8, at least MIN_SIDE."""
+    return max(MIN_SIDE, round(side / 8) * 8)
 
 
 def _require(condition: bool, message: str) -> None:
