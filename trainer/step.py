@@ -194,12 +194,13 @@ def _optimizer_step(engine) -> bool | None:
     every rank; None between boundaries.
 
     A non-finite loss on any rank makes the reduced gradients non-finite on every rank. DeepSpeed then skips
-    the update (ZeRO 1-3, and bf16 at any stage: it checks the global gradient norm, clears the gradients,
-    and leaves the learning-rate schedule where it was). ZeRO-0 in fp32 has no such check, so it is done
-    here: non-finite gradients are dropped (set to None), which AdamW skips.
+    the update (ZeRO 1-3, and bf16 at any stage: its optimizer finds the non-finite gradient norm and
+    reports `overflow`, and the engine clears the gradients, leaves the learning-rate schedule where it
+    was, counts the step in `skipped_steps` and still advances `global_steps` and `global_samples`). At
+    ZeRO-0 in fp32 the engine steps the torch optimizer itself, which has no such check: it is done here,
+    and a non-finite step goes through `_skipped_update`.
     """
     boundary = engine.is_gradient_accumulation_boundary()
-    dropped = False
     if boundary and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         # one norm over all gradients (non-finite when an entry is), one device sync
@@ -207,9 +208,48 @@ def _optimizer_step(engine) -> bool | None:
         # ZeRO-0 all-reduces the gradients at the boundary (on more than one rank), so every rank sees the
         # same; the vote only guards against a rank disagreeing.
         if not all_ranks_true(finite, grads[0].device if grads else engine.device):
-            engine.optimizer.zero_grad(set_to_none=True)
-            dropped = True
+            _skipped_update(engine, grads)
+            return False
     engine.step()
     if not boundary:
         return None
-    return not dropped and engine.was_step_applied()
+    return engine.was_step_applied()
+
+
+class _OverflowedOptimizer:
+    """Stands in for a torch optimizer for one engine.step(): `step` updates nothing, and `overflow` tells
+    the engine that it skipped, as DeepSpeed's own optimizers do; everything else is the optimizer's."""
+
+    overflow = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._optimizer, name)
+
+    def step(self, closure=None) -> None:
+        return None
+
+
+def _skipped_update(engine, grads: list[torch.Tensor]) -> None:
+    """engine.step() at ZeRO-0 fp32 with non-finite gradients, skipped the way DeepSpeed skips an overflow.
+
+    The engine's own step runs, so its bookkeeping is DeepSpeed's: with an optimizer that reports
+    `overflow`, `_take_model_step` clears the gradients, marks the step not applied, counts it in
+    `skipped_steps`, does not step the learning-rate schedule, and advances `global_steps`, `global_samples`
+    and `micro_steps` as for any step (ZeRO-1/2 do the same on an overflow). Only the torch optimizer is
+    swapped, for that call, for one that updates nothing: AdamW given zero gradients would still move the
+    weights (momentum, weight decay). The gradients are zeroed first rather than dropped: the engine clips
+    fp32 gradients before the optimizer step, an all-reduce that every rank joins, and with no gradients
+    left it fails (IndexError in deepspeed.runtime.utils.clip_grad_norm_). tests/test_nan_skip_zero0.py
+    checks all of this against ZeRO-2 on the installed DeepSpeed.
+    """
+    for grad in grads:
+        grad.zero_()
+    optimizer = engine.optimizer
+    engine.optimizer = _OverflowedOptimizer(optimizer)
+    try:
+        engine.step()
+    finally:
+        engine.optimizer = optimizer
