@@ -47,6 +47,7 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
+        LOCAL_SIZE=str(world_size),  # as the deepspeed launcher sets it (DeepSpeed's CPU shm all-reduce)
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from models.layers import cpu_has_bf16_kernels
+from trainer.config import ConfigError
+
+log = logging.getLogger("trainer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,8 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        if accelerator.device_name() == "cpu":
+            _release_shm_buffer_name()
     accelerator.set_device(local_rank)
     device = torch.device(accelerator.device_name(local_rank))
     world_size = dist.get_world_size()
@@ -94,6 +102,24 @@ def init_distributed() -> DistInfo:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce (its shm comm op, ranks of one node) puts `rank`'s buffer."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _release_shm_buffer_name() -> None:
+    """Unlink this rank's DeepSpeed shm buffer once every rank has mapped every other's.
+
+    DeepSpeed never unlinks them (shm.cpp's shared_close is never called), so every CPU run, killed or not,
+    left 69 MB per rank of memory in /dev/shm until a reboot. Its initialisation maps all the local ranks'
+    buffers; after the barrier no rank opens one by name again, and the mappings stay valid until exit.
+    """
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):  # none when the ranks span nodes (no shm all-reduce)
+        shm_buffer_path(dist.get_rank()).unlink()
 
 
 def barrier() -> None:
@@ -107,6 +133,40 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() == 1.0)
+
+
+def require_shared_directory(path: Path, info: DistInfo) -> None:
+    """Raise ConfigError on every rank unless every rank sees what rank 0 writes into `path` (every rank calls
+    this; `path` exists).
+
+    Checkpoints need one run folder that every rank reads and writes: DeepSpeed writes the model states
+    from global rank 0 only, the EMA is rank 0's, and a resume reads both on every rank. A run folder on
+    node-local disks used to train and save, then fail at the first resume on every other node.
+    """
+    if info.world_size == 1:
+        return
+    token = [secrets.token_hex(16) if info.is_main else None]
+    dist.broadcast_object_list(token, src=0, device=info.device)
+    probe = path / ".ranks_see_this"
+    if info.is_main:
+        probe.write_text(token[0])
+    barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    if not seen:
+        log.error("rank %d on %s does not see %s, which rank 0 wrote", info.rank, socket.gethostname(), probe)
+    everyone = all_ranks_true(seen, info.device)
+    barrier()  # every rank has read it
+    if info.is_main:
+        probe.unlink(missing_ok=True)
+    if not everyone:
+        raise ConfigError(
+            f"train.output_dir {path} is not one folder shared by every rank: some rank does not see the "
+            "file rank 0 wrote there (its error is in the log). Checkpoints are written by some ranks and "
+            "read by all; put the run on a filesystem every node mounts at that path"
+        )
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

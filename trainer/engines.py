@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from trainer.config import OptimizerConfig, RunConfig
-from trainer.schedule import scheduler_factory
+from trainer.schedule import apply_schedule, scheduler_factory
 
 
 class GeneratorModule(nn.Module):
@@ -173,14 +173,33 @@ def _float32_gradients(optimizer, master: list[torch.Tensor]) -> list[torch.Tens
     return buffers
 
 
+def schedule_steps(config: RunConfig) -> dict[str, int]:
+    """The optimizer steps each engine's learning-rate schedule spans (the discriminator steps from
+    loss.disc_start on)."""
+    max_steps = config.train.max_steps
+    return {"generator": max_steps, "discriminator": max(max_steps - config.loss.disc_start, 1)}
+
+
 def build_engines(autoencoder: nn.Module, discriminator: nn.Module, config: RunConfig, device: torch.device):
     """(generator engine, discriminator engine), each with its optimizer settings from `optim`."""
-    max_steps = config.train.max_steps
-    g_engine = build_engine(autoencoder.to(device), config.optim.generator, config, device, max_steps)
-    # the discriminator steps from loss.disc_start on
-    d_steps = max(max_steps - config.loss.disc_start, 1)
-    d_engine = build_engine(discriminator.to(device), config.optim.discriminator, config, device, d_steps)
+    steps = schedule_steps(config)
+    g_engine = build_engine(
+        autoencoder.to(device), config.optim.generator, config, device, steps["generator"]
+    )
+    d_engine = build_engine(
+        discriminator.to(device), config.optim.discriminator, config, device, steps["discriminator"]
+    )
     return g_engine, d_engine
+
+
+def apply_configured_schedules(g_engine, d_engine, config: RunConfig) -> dict[str, list[str]]:
+    """After a checkpoint load: both engines' learning-rate schedules from `config` again (DeepSpeed
+    restores the saved ones), at the step the checkpoint reached. Returns the changed settings by engine."""
+    steps = schedule_steps(config)
+    return {
+        name: apply_schedule(engine.lr_scheduler, getattr(config.optim, name), steps[name])
+        for name, engine in (("generator", g_engine), ("discriminator", d_engine))
+    }
 
 
 def restore_fp32_weights(engine, state: dict[str, torch.Tensor]) -> None:

@@ -35,9 +35,16 @@ from trainer.distributed import (
     cpu_bf16_warning,
     init_distributed,
     peak_memory_bytes,
+    require_shared_directory,
 )
 from trainer.ema import ModelEMA
-from trainer.engines import GeneratorModule, build_engines, compile_autoencoder, restore_fp32_weights
+from trainer.engines import (
+    GeneratorModule,
+    apply_configured_schedules,
+    build_engines,
+    compile_autoencoder,
+    restore_fp32_weights,
+)
 from trainer.metrics import MetricAccumulator, MetricsLogger, TensorBoardLogger
 from trainer.quality import QualityMetrics
 from trainer.step import AdversarialStep
@@ -76,6 +83,11 @@ def _setup_logging(rank: int) -> None:
     )
 
 
+def _parameter_count(module: torch.nn.Module) -> int:
+    """Parameters of `module`, also once ZeRO-3 has partitioned them (their local tensors are then empty)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
 class NonFiniteTrainingError(FloatingPointError):
     """Too many steps in a row were skipped for NaN/Inf losses or gradients (train.max_consecutive_skips)."""
 
@@ -95,6 +107,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.json")
         barrier()
+        require_shared_directory(self.run_dir, self.dist)
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         autoencoder = self._build_autoencoder()
@@ -120,9 +133,9 @@ class Trainer:
         log.info(
             "autoencoder %s: %.2fM parameters; discriminators %s: %.2fM; %d rank(s) on %s, ZeRO-%d, %s",
             config.model.init_from or config.model.preset,
-            sum(p.numel() for p in autoencoder.parameters()) / 1e6,
+            _parameter_count(autoencoder) / 1e6,
             ", ".join(discriminator.output_keys),
-            sum(p.numel() for p in discriminator.parameters()) / 1e6,
+            _parameter_count(discriminator) / 1e6,
             self.dist.world_size,
             self.dist.device.type,
             config.deepspeed.zero_stage,
@@ -189,14 +202,21 @@ class Trainer:
         if checkpoint is None:
             return
         state = self.checkpointer.load(checkpoint, self.g_engine, self.d_engine)
+        # The checkpoint brought back the learning-rate schedules it was saved with: the config's again.
+        for name, changes in apply_configured_schedules(self.g_engine, self.d_engine, self.config).items():
+            if changes:
+                log.info("optim.%s differs from the checkpoint's: %s", name, ", ".join(changes))
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        torch.set_rng_state(state["torch_rng"])
-        if "device_rng" in state and self.dist.device.type != "cpu":
-            get_accelerator().set_rng_state(state["device_rng"], self.dist.local_rank)
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+            if "device_rng" in state and self.dist.device.type != "cpu":
+                get_accelerator().set_rng_state(state["device_rng"], self.dist.local_rank)
+            random.setstate(state["python_rng"])
+            np.random.set_state(state["numpy_rng"])
+        else:  # a rank the checkpoint has no state for (more ranks now): streams of its own
+            self._reseed_rank_rngs(self.global_step)
         self.data_resume_state = state.get("data")
         self.image_resume_state = state.get("image_data")
         if "lecam" in state:
@@ -211,6 +231,14 @@ class Trainer:
             else:
                 self.ema.load_state_dict(ema_state)
         log.info("resumed from %s: continuing at step %d", checkpoint, self.global_step + 1)
+
+    def _reseed_rank_rngs(self, step: int) -> None:
+        """Random streams for this rank at `step`, a function of (train.seed, rank, step) only: different on
+        every rank, and the same when the same resume is run again."""
+        seed = Random(f"rng/{self.config.train.seed}/{self.dist.rank}/{step}").getrandbits(63)
+        torch.manual_seed(seed)  # every device's generator too
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
 
     def _resolve_shards(self) -> tuple[str | list[str], dict[str, str | list[str]]]:
         """Training shards, and the evaluation sets by metric prefix."""
@@ -369,8 +397,9 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM and SIGUSR1 (preemption, SLURM's --signal) ask for a checkpoint and a clean stop after
-        the current step. Installed before the DataLoader workers fork, so a signal sent to a whole process
-        group reaches them as this flag too instead of killing them."""
+        the current step. A signal sent to the whole process group also reaches the DataLoader workers:
+        they ignore SIGTERM (data.pipeline's worker_init_fn; torch's own worker handler would die of it)
+        and inherit this handler for SIGUSR1, installed before they fork."""
         self._previous_handlers: dict[int, Any] = {}
 
         def on_signal(signum: int, frame) -> None:
@@ -405,6 +434,8 @@ class Trainer:
         image_batches = 0
         adversarial = self.loss.adversarial_active(self.global_step)
         step_metrics: list[dict[str, Any]] = []
+        # the learning rates this step trains with (each engine's step moves its schedule on to the next)
+        lr = {"lr/generator": self.g_engine.get_lr()[0], "lr/discriminator": self.d_engine.get_lr()[0]}
         for micro_step in range(self.config.train.gradient_accumulation_steps):
             fetch = time.perf_counter()
             batch, is_image = self._next_batch(micro_step)
@@ -449,14 +480,14 @@ class Trainer:
             "perf/step_time_s": elapsed,
             "perf/data_wait_fraction": data_wait / elapsed,
             "data/image_batch_fraction": image_batches / self.config.train.gradient_accumulation_steps,
-            "lr/generator": self.g_engine.get_lr()[0],
+            "lr/generator": lr["lr/generator"],
         }
         for name, engine in (("generator", self.g_engine), ("discriminator", self.d_engine)):
             norm = engine.get_global_grad_norm()
             if norm is not None and applied and self._engine_stepped(name):
                 perf[f"grad_norm/{name}"] = float(norm)
         if adversarial:
-            perf["lr/discriminator"] = self.d_engine.get_lr()[0]
+            perf["lr/discriminator"] = lr["lr/discriminator"]
         self.accumulator.add(perf)
 
     def _engine_stepped(self, name: str) -> bool:
@@ -579,9 +610,11 @@ class Trainer:
         max_batches = max(self.dist.world_size, max_batches - max_batches % self.dist.world_size)
         totals = quality.accumulator(self.dist.device)
         media_inputs, media_recons = [], []
+        read, last = 0, None  # batches read (by every rank), the last of them
         for index, batch in enumerate(loader):
             if index >= max_batches:
                 break
+            read, last = index + 1, batch
             if index % self.dist.world_size != self.dist.rank:
                 continue
             video = batch["video"].to(self.dist.device).float()
@@ -595,6 +628,12 @@ class Trainer:
             if self.dist.is_main and wanted > 0:
                 media_inputs.append(video[:wanted].cpu())
                 media_recons.append(recon[:wanted].cpu())
+        # A set whose batches do not split evenly leaves the ranks after the first `read % world_size`
+        # one forward short. The engine's forward under ZeRO-3 gathers parameters with collectives (a rank
+        # that skips it hangs the others), so those ranks run one on a batch they read, and count nothing.
+        short = read % self.dist.world_size and self.dist.rank >= read % self.dist.world_size
+        if short and uses_engine and self.config.deepspeed.zero_stage == 3:
+            model(last["video"].to(self.dist.device).to(self.step_fn.g_dtype), sample_posterior=False)
         reduced = totals.reduce()
         clips = reduced.pop("clips")
         if clips == 0:
