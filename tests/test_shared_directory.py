@@ -13,7 +13,7 @@ import torch
 
 from distributed_utils import run_ranks
 from trainer.config import ConfigError
-from trainer.distributed import init_distributed, require_shared_directory, shm_buffer_path
+from trainer.distributed import barrier, init_distributed, require_shared_directory, shm_buffer_path
 
 pytestmark = pytest.mark.distributed
 
@@ -25,6 +25,7 @@ def _worker(rank: int, world_size: int, shared: Path, local: Path) -> dict[str, 
     total = torch.full((1024,), float(rank + 1))
     deepspeed.comm.all_reduce(total)
     require_shared_directory(shared, info)  # the same folder on both ranks: passes
+    barrier()  # rank 0 removes the probe file after the others have read it
     left = sorted(p.name for p in shared.iterdir())
     # As on node-local disks: the same path names another folder on rank 1.
     folder = local / f"node{rank}"
