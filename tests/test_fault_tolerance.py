@@ -52,6 +52,20 @@ def run(*overrides: str, ranks: int = 2, env: dict[str, str] | None = None, scri
     return run_command(command(*overrides, ranks=ranks, script=script), env)
 
 
+def start(*overrides: str) -> subprocess.Popen:
+    """A 2-rank run in a process group of its own (a signal to the group reaches the launcher, the ranks
+    and their DataLoader workers), its output captured as text."""
+    return subprocess.Popen(
+        command(*overrides),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def output(result) -> str:
     return result.stdout[-5000:] + result.stderr[-5000:]
 
@@ -161,15 +175,7 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_checkpoint(tmp_pa
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     run_dir = tmp_path / "run"
     common = [f"train.output_dir={run_dir}", f"data.demo.dir={tmp_path / 'demo'}", "train.checkpoint_every=0"]
-    process = subprocess.Popen(
-        command(*common, "train.max_steps=1000"),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    process = start(*common, "train.max_steps=1000")
     try:
         wait_for_step(run_dir, 2, process)
         # As SLURM does at preemption: the signal goes to the ranks (the launcher would forward it too).
@@ -199,15 +205,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     # The resumed run is stopped the way `docker stop` with the image's `tini -g` does it: SIGTERM to the
     # whole process group (runner, launcher, ranks and their DataLoader workers). The workers used to die of
     # it, and the ranks then failed on their next batch without saving.
-    process = subprocess.Popen(
-        command(*common, "train.max_steps=1000"),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    process = start(*common, "train.max_steps=1000")
     try:
         wait_for_step(run_dir, step + 2, process)
         os.killpg(process.pid, signal.SIGTERM)
